@@ -1,0 +1,50 @@
+"""Modality adapter: shorten the encoder's frame rate and map it into the decoder's space.
+
+Stacking ``stack`` neighbouring frames divides the number of audio positions the decoder must
+attend to (and prefill) by ``stack``, which is most of what makes an LLM decoder affordable on
+speech; the projection then learns the mapping into the LLM's embedding space.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from speechllama.model.config import AdapterConfig
+
+
+class Adapter(nn.Module):
+    """(B, T, d_in) encoder frames -> (B, ceil(T / stack), d_out) audio embeddings.
+
+    ``linear``: one projection of the stacked frames. ``mlp``: Linear -> GELU -> Linear with
+    width ``cfg.hidden`` (0 = ``d_out``).
+    """
+
+    def __init__(self, cfg: AdapterConfig, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.stack = cfg.stack
+        stacked = d_in * cfg.stack
+        if cfg.kind == "linear":
+            self.proj: nn.Module = nn.Linear(stacked, d_out)
+        elif cfg.kind == "mlp":
+            hidden = cfg.hidden or d_out
+            self.proj = nn.Sequential(
+                nn.Linear(stacked, hidden), nn.GELU(), nn.Linear(hidden, d_out)
+            )
+        else:
+            raise ValueError(f"unknown adapter kind {cfg.kind!r}; choose linear or mlp")
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d_in), lens (B,) valid frames -> (B, S, d_out), lens (B,) = ceil(lens / stack).
+
+        Frames past each sequence's length are zeroed before stacking, so a sequence's last
+        (partial) group never mixes in another sequence's padding: outputs do not depend on
+        what else is in the batch."""
+        B, T, d = x.shape
+        valid = torch.arange(T, device=x.device)[None, :] < lens[:, None]
+        x = x * valid[..., None].to(x.dtype)
+        pad = -T % self.stack
+        if pad:
+            x = torch.cat([x, x.new_zeros(B, pad, d)], dim=1)
+        x = x.reshape(B, (T + pad) // self.stack, self.stack * d)
+        return self.proj(x), torch.div(lens + self.stack - 1, self.stack, rounding_mode="floor")
