@@ -1,31 +1,73 @@
 """The assembled Speech-LLaMA: encoder -> adapter -> LLaMA decoder -> heads.
 
-INTERFACE SKELETON (to be implemented). Sequence layout per utterance i:
+Sequence layout per utterance i:
     [audio embeddings a_0..a_{S_i-1}] [BOS] y_1 .. y_U [EOS]
-with absolute positions 0..S_i+U+1; the KV cache slot of a token equals its position.
+with absolute positions 0..S_i+U+1; the KV cache slot of a token equals its position. Text is
+packed right after each utterance's *own* audio length (not after the batch's longest), so a
+sequence's positions, and hence its outputs, do not depend on what else is in the batch.
+
+Decoding meets the model only at ``prefill`` and ``step``, which both count decoder calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from speechllama.model.adapter import Adapter
 from speechllama.model.config import ModelConfig
+from speechllama.model.decoder import KVCache, LlamaDecoder, hf_decoder_config, load_hf_llama
+from speechllama.model.heads import build_heads
+
+# Decoder fields a pretrained LLM fixes; dropout and max_seq_len stay the run's choice.
+_STRUCTURAL = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+               "rope_theta", "norm_eps", "tie_embeddings")  # fmt: skip
 
 
 class SpeechLLaMA(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """``encoder`` may be passed in (tests, or an encoder built elsewhere); by default it is
+    built from ``config.encoder``. It must have ``output_dim`` and map
+    ``features (B, T, n_mels), lens (B,) -> hidden (B, T', output_dim), lens' (B,)``."""
+
+    def __init__(self, config: ModelConfig, encoder: nn.Module | None = None) -> None:
         super().__init__()
+        config.validate()
         self.config = config
+        if encoder is None:
+            from speechllama.model.encoder import build_encoder
+
+            encoder = build_encoder(config.encoder)
+        d_enc = int(encoder.output_dim)
+        self.encoder = encoder
+        self.adapter = Adapter(config.adapter, d_enc, config.decoder.d_model)
+        self.decoder = LlamaDecoder(config.decoder)
+        self.heads = build_heads(config, self.decoder.embed)
+        # CTC blank is pad_id (0): the tokenizer reserves it, so it never is a transcript token.
+        self.ctc_head = nn.Linear(d_enc, config.decoder.vocab_size) if config.ctc else None
         self.decoder_calls = 0  # incremented by prefill() and step(): strategies cannot forget
+
+    # --- audio -> embeddings ----------------------------------------------------------------
 
     def encode(
         self, features: torch.Tensor, feature_lens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, T, n_mels), feature_lens (B,) -> audio embeddings (B, S, d_dec), lens (B,).
 
-        Runs the encoder and the adapter (frame stacking + projection)."""
-        raise NotImplementedError
+        Runs the encoder and the adapter (frame stacking + projection). Training code that
+        needs the encoder output too (CTC) calls ``self.encoder`` and ``self.adapter`` itself."""
+        hidden, lens = self.encoder(features, feature_lens)
+        return self.adapter(hidden, lens)
+
+    def ctc_logits(self, encoder_hidden: torch.Tensor) -> torch.Tensor:
+        """encoder_hidden (B, T', d_enc) -> CTC logits (B, T', V), blank = ``pad_id``."""
+        if self.ctc_head is None:
+            raise ValueError("this model has no CTC head (config.ctc is false)")
+        return self.ctc_head(encoder_hidden)
+
+    # --- teacher forcing ----------------------------------------------------------------------
 
     def forward(
         self,
@@ -33,27 +75,148 @@ class SpeechLLaMA(nn.Module):
         audio_lens: torch.Tensor,
         tokens: torch.Tensor,
         token_lens: torch.Tensor,
-    ) -> torch.Tensor:
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced training pass.
 
         audio (B, S, d_dec) audio embeddings, audio_lens (B,); tokens (B, U) = [BOS] y_1..y_{U-1}
         right-padded, token_lens (B,). Returns logits (B, U, K, V) for the text positions only:
-        logits[:, u, k] predicts token u + k + 1 of [BOS] y EOS (head k, 0-based)."""
-        raise NotImplementedError
+        logits[:, u, k] predicts token u + k + 1 of [BOS] y EOS (head k, 0-based). With
+        ``return_hidden`` also the decoder's final hidden states at those positions (B, U, d),
+        which is what heads-only training caches. Padded text positions hold garbage."""
+        B, _, d = audio.shape
+        U = tokens.shape[1]
+        audio_lens, token_lens = audio_lens.to(audio.device), token_lens.to(audio.device)
+        total = int((audio_lens + token_lens).max())
+        self._check_fits(total, self.config.decoder.max_seq_len, "max_seq_len")
+        text_at = audio_lens[:, None] + torch.arange(U, device=audio.device)  # (B, U)
+        x = torch.cat([_mask_audio(audio, audio_lens), audio.new_zeros(B, U, d)], dim=1)
+        text = self.decoder.embed(tokens).to(x.dtype)
+        x = x.scatter(1, text_at[..., None].expand(B, U, d), text)[:, :total]
+        hidden = self.decoder.forward_train(x)
+        # Padded text positions may lie past ``total``; clamp, their outputs are never used.
+        at = text_at.clamp(max=total - 1)[..., None].expand(B, U, hidden.shape[-1])
+        hidden = hidden.gather(1, at)
+        logits = self.heads(hidden)
+        return (logits, hidden) if return_hidden else logits
 
-    def new_cache(self, batch_size: int, max_len: int) -> "KVCache":  # noqa: F821
-        raise NotImplementedError
+    # --- incremental decoding -----------------------------------------------------------------
 
-    def prefill(self, audio: torch.Tensor, audio_lens: torch.Tensor, cache) -> torch.Tensor:
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache on the model's device. Its dtype is ``dtype``, else the autocast
+        dtype when autocast is on (fp16 inference halves cache traffic), else the weights'."""
+        device = self.decoder.embed.weight.device
+        if dtype is None and torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        return self.decoder.new_cache(batch_size, max_len, dtype=dtype, device=device)
+
+    @torch.no_grad()
+    def prefill(
+        self, audio: torch.Tensor, audio_lens: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
         """Write [audio][BOS] of every sequence into ``cache`` (per-sequence lengths S_i + 1).
 
-        Returns logits (B, 1, K, V) at each sequence's BOS position. Counts one decoder call."""
-        raise NotImplementedError
+        audio (B, S, d_dec), audio_lens (B,). Sequence i's BOS sits at position S_i; the slots
+        after it hold padding that the new lengths make invisible. Returns logits (B, 1, K, V)
+        at each sequence's BOS position. Counts one decoder call."""
+        B, _, d = audio.shape
+        audio_lens = audio_lens.to(device=audio.device, dtype=torch.long)
+        width = int(audio_lens.max()) + 1
+        self._check_fits(width, cache.max_len, "the KV cache length")
+        x = torch.cat([_mask_audio(audio, audio_lens), audio.new_zeros(B, 1, d)], dim=1)[:, :width]
+        bos = torch.full((B, 1), self.config.bos_id, dtype=torch.long, device=audio.device)
+        bos_at = audio_lens[:, None, None].expand(B, 1, d)
+        x = x.scatter(1, bos_at, self.decoder.embed(bos).to(x.dtype))
+        cache.reset()
+        slots = torch.arange(width, device=audio.device).expand(B, width)
+        hidden = self.decoder.forward_cached(x, cache, slots)
+        cache.lengths = audio_lens + 1
+        self.decoder_calls += 1
+        return self.heads(hidden.gather(1, bos_at))
 
-    def step(self, tokens: torch.Tensor, cache, tree_mask: torch.Tensor | None = None):
+    @torch.no_grad()
+    def step(
+        self, tokens: torch.Tensor, cache: KVCache, tree_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One decoder call over k new tokens per sequence.
 
         tokens (B, k) are written at cache positions lengths[b] .. lengths[b] + k - 1 and the
         cache lengths advance by k; logits (B, k, K, V). Roll back with ``cache.truncate``.
-        Counts one decoder call."""
-        raise NotImplementedError
+        ``tree_mask`` (B, k, k) or (k, k) bool, row j = the new tokens token j sees (itself and
+        its ancestors): token j then gets rope position lengths + depth_j, where depth_j =
+        (row sum - 1), while its slot stays lengths + j; see ``KVCache.copy_slots`` to
+        compact an accepted path. Counts one decoder call."""
+        k = tokens.shape[1]
+        slots = cache.lengths[:, None] + torch.arange(k, device=tokens.device)
+        positions = None
+        if tree_mask is not None:
+            tree_mask = tree_mask.to(device=tokens.device, dtype=torch.bool)
+            positions = cache.lengths[:, None] + tree_mask.sum(-1) - 1
+        x = self.decoder.embed(tokens)
+        hidden = self.decoder.forward_cached(x, cache, slots, positions, tree_mask)
+        cache.lengths = cache.lengths + k
+        self.decoder_calls += 1
+        return self.heads(hidden)
+
+    # --- pretrained decoders, bookkeeping -----------------------------------------------------
+
+    def load_pretrained_decoder(self, path: str | Path) -> None:
+        """Copy a Hugging Face LLaMA's weights (``path``: config.json + safetensors) into the
+        decoder, and its untied output matrix into the heads. The model must have been built
+        with that LLM's structure: see :func:`with_pretrained_decoder`."""
+        cfg, state = load_hf_llama(path)
+        ours = self.config.decoder
+        differ = [f for f in _STRUCTURAL if getattr(cfg, f) != getattr(ours, f)]
+        if differ:
+            raise ValueError(
+                f"{path}: the LLM's {', '.join(differ)} differ from this model's decoder; build "
+                "the model from with_pretrained_decoder(config, path)"
+            )
+        lm_head = state.pop("lm_head.weight", None)
+        self.decoder.load_state_dict(state, strict=True)
+        if lm_head is not None:
+            self.heads.load_unembedding(lm_head)
+
+    def num_parameters(self) -> dict[str, dict[str, int]]:
+        """``{part: {"trainable": n, "frozen": n}}`` for encoder, adapter, decoder, heads and
+        (if present) ctc_head. A weight shared by two parts (tied output layer) is counted once,
+        under the first: the decoder."""
+        seen: set[int] = set()
+        parts: dict[str, dict[str, int]] = {}
+        for name in ("encoder", "adapter", "decoder", "heads", "ctc_head"):
+            module = getattr(self, name)
+            if module is None:
+                continue
+            counts = {"trainable": 0, "frozen": 0}
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+            parts[name] = counts
+        return parts
+
+    @staticmethod
+    def _check_fits(needed: int, limit: int, what: str) -> None:
+        if needed > limit:
+            raise ValueError(
+                f"audio embeddings + text need {needed} decoder positions, more than {what} "
+                f"({limit}); use shorter audio or a larger adapter stack"
+            )
+
+
+def with_pretrained_decoder(config: ModelConfig, path: str | Path) -> ModelConfig:
+    """``config`` with its decoder structure (and so vocabulary size) taken from the Hugging
+    Face LLaMA at ``path``; ``dropout`` and ``max_seq_len`` stay ``config``'s own. The
+    tokenizer must then be that LLM's (bos/eos/pad ids included): check before training."""
+    hf = hf_decoder_config(path)
+    ours = config.decoder
+    decoder = dataclasses.replace(hf, dropout=ours.dropout, max_seq_len=ours.max_seq_len)
+    new = config.replace(decoder=decoder)
+    new.validate()
+    return new
+
+
+def _mask_audio(audio: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Zero audio frames (B, S, d) at or past each sequence's length."""
+    valid = torch.arange(audio.shape[1], device=audio.device)[None, :] < lens[:, None]
+    return audio * valid[..., None].to(audio.dtype)
