@@ -1,0 +1,262 @@
+"""The Python transcription API: ``load_model(...).transcribe(audio)``, in the style of
+openai/whisper.
+
+Batches are formed in duration-sorted order (similar lengths waste little padding), results come
+back in input order. A bad file in a list becomes a ``DecodingResult`` with ``error`` set and
+the rest of the list is still transcribed; a single bad input raises its ``AudioError``.
+
+Timing: ``encoder_seconds`` covers feature extraction, the encoder and the adapter (a batch's
+share is split by audio duration); ``decoder_seconds`` covers the prefill and every decoder call
+(see ``decoding.base.decode``). Reading and resampling files is not counted: it is I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from speechllama.decoding import DecodingOptions, DecodingResult, get_strategy
+from speechllama.decoding.base import Strategy, decode
+
+if TYPE_CHECKING:
+    from speechllama.model.speechllama import SpeechLLaMA
+    from speechllama.text import Tokenizer
+
+AudioInput = str | os.PathLike | np.ndarray
+SAMPLE_RATE = 16_000
+BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
+
+
+class _Item:
+    """One input: where it came from and (once known) its duration in seconds."""
+
+    __slots__ = ("duration", "index", "name", "source")
+
+    def __init__(self, index: int, source: AudioInput) -> None:
+        self.index = index
+        self.source = source
+        self.name = None if isinstance(source, np.ndarray) else os.fspath(source)
+        self.duration = 0.0
+
+
+class Transcriber:
+    """A loaded model plus its tokenizer: everything needed to turn audio into text.
+
+    Wrap a model that is being trained the same way (``Transcriber(model, tokenizer)``); the
+    model is put in eval mode while transcribing and restored afterwards.
+    """
+
+    def __init__(
+        self, model: SpeechLLaMA, tokenizer: Tokenizer, meta: dict[str, Any] | None = None
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.meta = dict(meta or {})
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def transcribe(
+        self,
+        audio: AudioInput | Sequence[AudioInput],
+        options: DecodingOptions | None = None,
+        **option_overrides: Any,
+    ) -> DecodingResult | list[DecodingResult]:
+        """Transcribe one input (a path or a 16 kHz mono float32 array) or a list of them.
+
+        ``option_overrides`` replace fields of ``options``, e.g. ``batch_size=4``. One input
+        returns one ``DecodingResult`` and raises on bad audio; a list returns a list in input
+        order with ``error`` set on the bad ones."""
+        options = dataclasses.replace(options or DecodingOptions(), **option_overrides)
+        single = isinstance(audio, (str, os.PathLike, np.ndarray))
+        inputs = [audio] if single else list(audio)
+        results: list[DecodingResult | None] = [None] * len(inputs)
+        for index, result in self.transcribe_iter(inputs, options, raise_errors=single):
+            results[index] = result
+        out = [r for r in results if r is not None]
+        if single and out[0].error:
+            raise ValueError(out[0].error)
+        return out[0] if single else out
+
+    def transcribe_iter(
+        self,
+        inputs: Sequence[AudioInput],
+        options: DecodingOptions | None = None,
+        raise_errors: bool = False,
+    ) -> Iterator[tuple[int, DecodingResult]]:
+        """Yield ``(input index, result)`` as each batch finishes (duration-sorted order), so
+        callers can write results out as they come."""
+        from speechllama.audio import AudioError, audio_duration
+
+        options = options or DecodingOptions()
+        strategy = get_strategy(options)
+        items: list[_Item] = []
+        for index, source in enumerate(inputs):
+            item = _Item(index, source)
+            try:
+                if isinstance(source, np.ndarray):
+                    item.duration = _check_array(source).shape[0] / SAMPLE_RATE
+                else:
+                    item.duration = audio_duration(source)
+            except AudioError as exc:
+                if raise_errors:
+                    raise
+                yield index, _failed(item, exc)
+                continue
+            items.append(item)
+        items.sort(key=lambda it: it.duration)
+        size = max(1, options.batch_size)
+        for start in range(0, len(items), size):
+            yield from self._batch(items[start : start + size], options, strategy, raise_errors)
+
+    def _batch(
+        self, items: list[_Item], options: DecodingOptions, strategy: Strategy, raise_errors: bool
+    ) -> Iterator[tuple[int, DecodingResult]]:
+        from speechllama.audio import AudioError, load_audio
+
+        waves: list[np.ndarray] = []
+        kept: list[_Item] = []
+        for item in items:
+            try:
+                if isinstance(item.source, np.ndarray):
+                    wave = _check_array(item.source)
+                else:
+                    wave = load_audio(item.source, sample_rate=SAMPLE_RATE)
+            except AudioError as exc:
+                if raise_errors:
+                    raise
+                yield item.index, _failed(item, exc)
+                continue
+            waves.append(wave)
+            kept.append(item)
+        if kept:
+            yield from zip(
+                (it.index for it in kept), self._decode(kept, waves, options, strategy), strict=True
+            )
+
+    def _decode(
+        self, items: list[_Item], waves: list[np.ndarray], options: DecodingOptions, strategy
+    ) -> list[DecodingResult]:
+        from speechllama.features import compute_features
+
+        model, cfg = self.model, self.config
+        device = self.device
+        durations = [w.shape[0] / SAMPLE_RATE for w in waves]
+        was_training = model.training
+        model.eval()
+        autocast = (
+            torch.autocast(device.type, dtype=torch.float16)
+            if options.fp16 and device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        try:
+            with torch.inference_mode(), autocast:
+                t0 = time.perf_counter()
+                feats = [
+                    compute_features(w, cfg.encoder.features, cfg.encoder.n_mels) for w in waves
+                ]
+                lens = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
+                batch = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+                emb, emb_lens = model.encode(batch.to(device), lens.to(device))
+                encoder_seconds = time.perf_counter() - t0
+                # Audio that fills the decoder context cannot be transcribed; fail only it.
+                limit = cfg.decoder.max_seq_len - 2 - strategy.lookahead
+                fits = [i for i, n in enumerate(emb_lens.tolist()) if n <= limit]
+                decoded = {}
+                if fits:
+                    rows = torch.tensor(fits, device=emb.device)
+                    outs = decode(
+                        model,
+                        strategy,
+                        emb.index_select(0, rows),
+                        emb_lens.index_select(0, rows),
+                        [durations[i] for i in fits],
+                        eos_id=cfg.eos_id,
+                        pad_id=cfg.pad_id,
+                        max_seq_len=cfg.decoder.max_seq_len,
+                    )
+                    decoded = dict(zip(fits, outs, strict=True))
+        finally:
+            model.train(was_training)
+        total = sum(durations) or 1.0
+        results = []
+        for i, (item, dur) in enumerate(zip(items, durations, strict=True)):
+            d = decoded.get(i)
+            if d is None:
+                error = f"{item.name or 'audio array'}: {dur:.1f} s is too long for this model"
+                results.append(
+                    dataclasses.replace(_failed(item, ValueError(error)), audio_seconds=dur)
+                )
+                continue
+            results.append(
+                DecodingResult(
+                    text=self.tokenizer.decode(list(d.tokens)),
+                    tokens=d.tokens,
+                    decoder_calls=d.decoder_calls,
+                    accepted_per_call=d.accepted_per_call,
+                    encoder_seconds=encoder_seconds * dur / total,
+                    decoder_seconds=d.decoder_seconds,
+                    audio_seconds=dur,
+                    audio_filepath=item.name,
+                )
+            )
+        return results
+
+
+def _check_array(wave: np.ndarray) -> np.ndarray:
+    """Arrays are taken as 16 kHz mono samples; reject what cannot be that."""
+    from speechllama.audio import AudioError
+
+    if wave.ndim != 1:
+        raise AudioError("audio array", f"expected 1-D 16 kHz mono samples, got {wave.shape}")
+    if wave.size == 0:
+        raise AudioError("audio array", "no samples")
+    if not np.isfinite(wave).all():
+        raise AudioError("audio array", "holds NaN or infinite samples")
+    return wave.astype(np.float32, copy=False)
+
+
+def _failed(item: _Item, exc: Exception) -> DecodingResult:
+    return DecodingResult(
+        text="", tokens=(), decoder_calls=0, audio_filepath=item.name, error=str(exc)
+    )
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike | None) -> Path:
+    """None or ``"default"`` -> the bundled default model; a bundled name -> that model;
+    anything else must be a checkpoint directory. Missing ones raise ``FileNotFoundError``."""
+    name = "default" if name_or_path is None else os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    bundled = BUNDLED_MODELS / name
+    if os.sep not in name and "/" not in name and bundled.is_dir():
+        return bundled
+    if name == "default":
+        raise FileNotFoundError(
+            f"no default model: {bundled} does not exist; train one with `speechllama train` "
+            "and pass its directory with --model DIR (or copy it there)"
+        )
+    raise FileNotFoundError(f"{name}: no such model directory or bundled model name")
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu") -> Transcriber:
+    """Load a checkpoint directory (config.json + model.safetensors + tokenizer.model) or a
+    bundled model by name (None or ``"default"``: the default model)."""
+    from speechllama.checkpoint import load_checkpoint
+
+    model, tokenizer, meta = load_checkpoint(resolve_model_dir(name_or_path), device=device)
+    return Transcriber(model, tokenizer, meta)
