@@ -1,0 +1,223 @@
+"""Word error rate, alignments and cost of a model on a manifest.
+
+WER is always computed with jiwer on text passed through the project's one normaliser
+(``speechllama.text.normalize``), as the word-level Levenshtein distance
+(S + D + I) / N with N the number of reference words. Utterances whose audio failed to load are
+not scored (they would otherwise count as all-deletions); they are counted in ``failed`` and
+listed in the hypotheses file with their error, and the CLI exits non-zero if there are any.
+
+Output directory layout (``evaluate_manifest(..., out_dir=DIR)``):
+
+- ``hypotheses.jsonl``: one object per utterance, written and flushed as each batch finishes;
+- ``alignments.txt``: per-utterance REF/HYP alignments (jiwer) in manifest order, then the most
+  frequent substitutions, insertions and deletions;
+- ``summary.json``: WER, error counts, decoder calls, tokens, timing and real-time factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jiwer
+import numpy as np
+
+from speechllama.decoding import DecodingOptions, DecodingResult
+from speechllama.text import normalize
+
+if TYPE_CHECKING:
+    from speechllama.data.manifest import Utterance
+    from speechllama.transcribe import Transcriber
+
+
+def _counts(output: Any) -> dict[str, int]:
+    s, d, i, h = output.substitutions, output.deletions, output.insertions, output.hits
+    return {"substitutions": s, "deletions": d, "insertions": i, "hits": h, "words": s + d + h}
+
+
+def _wer(counts: dict[str, int]) -> float:
+    """(S + D + I) / N; with no reference words, the insertions count against one word."""
+    errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
+    return errors / max(counts["words"], 1)
+
+
+def evaluate_results(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, Any]:
+    """Score hypotheses against references (raw text; both are normalised here).
+
+    Returns ``wer`` (a fraction), ``substitutions``, ``deletions``, ``insertions``, ``hits``,
+    ``words`` (reference words) and ``utterances``."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    if not refs:
+        counts = {"substitutions": 0, "deletions": 0, "insertions": 0, "hits": 0, "words": 0}
+    else:
+        output = jiwer.process_words([normalize(r) for r in refs], [normalize(h) for h in hyps])
+        counts = _counts(output)
+    return {"wer": _wer(counts), **counts, "utterances": len(refs)}
+
+
+def alignment_text(names: Sequence[str], refs: Sequence[str], hyps: Sequence[str]) -> str:
+    """Human-readable alignments of normalised ``refs`` and ``hyps``, one block per utterance
+    headed by its name and error counts, then the aggregate error counts."""
+    blocks = []
+    for name, ref, hyp in zip(names, refs, hyps, strict=True):
+        output = jiwer.process_words(ref, hyp)
+        c = _counts(output)
+        shown = jiwer.visualize_alignment(output, show_measures=False, skip_correct=False)
+        body = shown.split("\n", 2)[2] if shown.startswith("===") else shown  # drop its header
+        head = f"{name}  S={c['substitutions']} D={c['deletions']} I={c['insertions']}"
+        blocks.append(f"=== {head} N={c['words']} ===\n{body.rstrip()}\n")
+    if refs:
+        blocks.append(jiwer.visualize_error_counts(jiwer.process_words(list(refs), list(hyps))))
+    return "\n".join(blocks)
+
+
+def summarize(
+    refs: Sequence[str], results: Sequence[DecodingResult], strategy: str | None = None
+) -> dict[str, Any]:
+    """WER and cost over ``results`` (aligned with ``refs``); failed results are not scored."""
+    ok = [(ref, r) for ref, r in zip(refs, results, strict=True) if r.error is None]
+    summary = evaluate_results([ref for ref, _ in ok], [r.text for _, r in ok])
+    calls = sum(r.decoder_calls for _, r in ok)
+    tokens = sum(len(r.tokens) for _, r in ok)
+    enc = sum(r.encoder_seconds for _, r in ok)
+    dec = sum(r.decoder_seconds for _, r in ok)
+    audio = sum(r.audio_seconds for _, r in ok)
+    histogram: list[int] = []
+    for _, r in ok:
+        for i, n in enumerate(r.accepted_per_call):
+            histogram.extend([0] * (i + 1 - len(histogram)))
+            histogram[i] += n
+    summary.update(
+        failed=len(results) - len(ok),
+        strategy=strategy,
+        decoder_calls=calls,
+        tokens=tokens,
+        tokens_per_call=tokens / calls if calls else 0.0,
+        calls_per_utt=calls / len(ok) if ok else 0.0,
+        accepted_per_call=histogram,
+        encoder_seconds=enc,
+        decoder_seconds=dec,
+        audio_seconds=audio,
+        rtf=(enc + dec) / audio if audio else 0.0,
+        encoder_rtf=enc / audio if audio else 0.0,
+        decoder_rtf=dec / audio if audio else 0.0,
+    )
+    return summary
+
+
+def _record(utt: Utterance, result: DecodingResult) -> dict[str, Any]:
+    ref = utt.text
+    row: dict[str, Any] = {"audio_filepath": utt.audio_filepath, "reference": ref}
+    if utt.offset:
+        row["offset"] = utt.offset
+    if result.error is not None:
+        row["error"] = result.error
+        return row
+    ref_n, hyp_n = normalize(ref), normalize(result.text)
+    counts = _counts(jiwer.process_words(ref_n, hyp_n))
+    row.update(
+        hypothesis=result.text,
+        reference_normalized=ref_n,
+        hypothesis_normalized=hyp_n,
+        **{k: counts[k] for k in ("substitutions", "deletions", "insertions", "words")},
+        decoder_calls=result.decoder_calls,
+        tokens=len(result.tokens),
+        accepted_per_call=list(result.accepted_per_call),
+        encoder_seconds=round(result.encoder_seconds, 6),
+        decoder_seconds=round(result.decoder_seconds, 6),
+        audio_seconds=round(result.audio_seconds, 6),
+    )
+    return row
+
+
+def _source(utt: Utterance) -> str | np.ndarray:
+    """What to transcribe for ``utt``: its file, or for a segment of a longer file (``offset``,
+    as in NeMo/Lhotse manifests) the segment's samples. Raises ``AudioError``."""
+    if not utt.offset:
+        return utt.audio_filepath
+    from speechllama.audio import SAMPLE_RATE, AudioError, load_audio
+
+    wave = load_audio(utt.audio_filepath, max_seconds=None)
+    start = round(utt.offset * SAMPLE_RATE)
+    segment = wave[start : start + round(utt.duration * SAMPLE_RATE)]
+    if segment.size == 0:
+        raise AudioError(utt.audio_filepath, f"segment at {utt.offset:g} s is past the end")
+    return segment
+
+
+def evaluate_manifest(
+    model: Transcriber,
+    manifest: str | os.PathLike | Iterable[Utterance],
+    options: DecodingOptions | None = None,
+    out_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    on_result: Callable[[int, DecodingResult], None] | None = None,
+) -> dict[str, Any]:
+    """Transcribe every utterance of ``manifest`` (a NeMo JSONL path or ``Utterance`` objects)
+    with ``model`` and score it. Returns the summary (see ``summarize``); with ``out_dir`` also
+    writes hypotheses.jsonl (as results arrive), alignments.txt and summary.json there.
+
+    The training loop uses this for dev WER: ``evaluate_manifest(Transcriber(model, tok), dev)``.
+    ``on_result(index, result)`` is called as each utterance finishes (the CLI prints errors).
+    """
+    from speechllama.audio import AudioError
+    from speechllama.data.manifest import load_manifest
+
+    options = options or DecodingOptions()
+    if isinstance(manifest, (str, os.PathLike)):
+        # Audio problems are per-utterance failures (counted, reported), not a reason to refuse
+        # the whole manifest; malformed rows still are.
+        utts = load_manifest(manifest, check_audio=False)
+    else:
+        utts = list(manifest)
+    if limit is not None:
+        utts = utts[: max(0, limit)]
+    refs = [u.text for u in utts]
+    results: list[DecodingResult | None] = [None] * len(utts)
+    out = Path(out_dir) if out_dir is not None else None
+    hyp_file = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        hyp_file = (out / "hypotheses.jsonl").open("w", encoding="utf-8")
+
+    def finish(index: int, result: DecodingResult) -> None:
+        result = dataclasses.replace(result, audio_filepath=utts[index].audio_filepath)
+        results[index] = result
+        if on_result is not None:
+            on_result(index, result)
+        if hyp_file is not None:
+            hyp_file.write(json.dumps(_record(utts[index], result), ensure_ascii=False) + "\n")
+            hyp_file.flush()
+
+    try:
+        sources, where = [], []
+        for index, utt in enumerate(utts):
+            try:
+                sources.append(_source(utt))
+            except AudioError as exc:
+                finish(index, DecodingResult(text="", tokens=(), decoder_calls=0, error=str(exc)))
+                continue
+            where.append(index)
+        for j, result in model.transcribe_iter(sources, options):
+            finish(where[j], result)
+    finally:
+        if hyp_file is not None:
+            hyp_file.close()
+    done = [r for r in results if r is not None]
+    summary = summarize(refs, done, strategy=options.strategy)
+    summary["options"] = json.loads(json.dumps(dataclasses.asdict(options)))  # tuples -> lists
+    if out is not None:
+        ok = [(u, r) for u, r in zip(utts, done, strict=True) if r.error is None]
+        text = alignment_text(
+            [str(u.audio_filepath) for u, _ in ok],
+            [normalize(u.text) for u, _ in ok],
+            [normalize(r.text) for _, r in ok],
+        )
+        (out / "alignments.txt").write_text(text, encoding="utf-8")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
