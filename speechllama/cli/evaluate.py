@@ -1,0 +1,64 @@
+"""``speechllama evaluate MANIFEST --out DIR``: WER and cost of a model on a NeMo manifest.
+
+Writes DIR/hypotheses.jsonl (as utterances finish), DIR/alignments.txt and DIR/summary.json,
+and prints a one-line summary. Utterances whose audio fails print one error line each, are left
+out of the WER, and make the exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from speechllama.cli.transcribe import (
+    add_decoding_args,
+    add_model_args,
+    decoding_options,
+    setup_torch,
+)
+
+_PROG = "speechllama evaluate"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="WER, decoder calls and real-time factor on a manifest",
+        description="Transcribe a NeMo JSONL manifest and write hypotheses.jsonl, "
+        "alignments.txt and summary.json (WER, decoder calls, RTF) to --out DIR.",
+    )
+    p.add_argument("manifest", type=Path, metavar="MANIFEST", help="NeMo JSONL manifest")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N utterances")
+    add_model_args(p)
+    add_decoding_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from speechllama.evaluate import evaluate_manifest
+    from speechllama.transcribe import load_model
+
+    setup_torch(args)
+    options = decoding_options(args)
+    model = load_model(args.model, device=args.device)
+
+    def report(_index: int, result) -> None:
+        if result.error is not None:
+            print(f"{_PROG}: error: {result.error}", file=sys.stderr, flush=True)
+
+    s = evaluate_manifest(
+        model, args.manifest, options, out_dir=args.out, limit=args.limit, on_result=report
+    )
+    print(
+        f"WER {100 * s['wer']:.2f}% (S={s['substitutions']} D={s['deletions']} "
+        f"I={s['insertions']} N={s['words']}) on {s['utterances']} utterances | "
+        f"{s['calls_per_utt']:.1f} calls/utt, {s['tokens_per_call']:.2f} tokens/call | "
+        f"RTF {s['rtf']:.4f} (encoder {s['encoder_rtf']:.4f}, decoder {s['decoder_rtf']:.4f}) "
+        f"| {args.out / 'summary.json'}"
+    )
+    if s["failed"]:
+        print(f"{_PROG}: {s['failed']} utterance(s) failed", file=sys.stderr)
+        return 1
+    return 0

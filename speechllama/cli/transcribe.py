@@ -1,0 +1,164 @@
+"""``speechllama transcribe FILE...``: print ``path<TAB>text`` per file as each batch finishes.
+
+With ``--output out.jsonl`` every transcript is also appended (and flushed) as one JSON object,
+and a re-run with the same output skips the files already in it, so an interrupted job resumes.
+Bad files print one error line naming the file; the rest are still transcribed; the exit code
+is 1 if any file failed. Also home of the decoding flags that ``evaluate`` shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+_PROG = "speechllama transcribe"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="checkpoint directory or bundled model name (default: the bundled 'default' model)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads",
+    )
+
+
+def add_decoding_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that map onto ``DecodingOptions`` fields (unset flags keep the defaults)."""
+    from speechllama.decoding import available_strategies
+
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--decoding", default="greedy", choices=available_strategies(),
+                   help="decoding strategy (default: greedy)")  # fmt: skip
+    g.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="utterances per batch, formed in duration order (default: 8)")  # fmt: skip
+    g.add_argument(
+        "--num-heads", type=int, metavar="K", help="prediction heads used (default: all)"
+    )
+    g.add_argument("--threshold", type=float, help="probability threshold (threshold strategy)")
+    g.add_argument("--verify", choices=("exact", "topk"), help="agreement test (verify strategy)")
+    g.add_argument("--topk", type=int, help="top-k for relaxed verification")
+    g.add_argument("--beam-size", type=int, metavar="B", help="beam size (beam strategies)")
+    g.add_argument("--max-tokens-per-second", type=float, metavar="R",
+                   help="transcript length limit per second of audio (default: 12)")  # fmt: skip
+
+
+def decoding_options(args: argparse.Namespace):
+    """``DecodingOptions`` from the parsed ``add_decoding_args`` flags."""
+    from speechllama.decoding import DecodingOptions
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    fields: dict[str, Any] = {"strategy": args.decoding, "batch_size": args.batch_size}
+    for name in ("num_heads", "threshold", "verify", "topk", "beam_size", "max_tokens_per_second"):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = value
+    return DecodingOptions(**fields)
+
+
+def setup_torch(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "transcribe",
+        help="transcribe audio files",
+        description="Transcribe audio files; prints PATH<TAB>TEXT per file as batches finish.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, ...)")
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        metavar="OUT.jsonl",
+        help="append one JSON object per file; files already in it are skipped",
+    )
+    add_model_args(p)
+    add_decoding_args(p)
+    p.set_defaults(func=run)
+
+
+def _key(path: str) -> str:
+    return os.path.abspath(path)
+
+
+def _done(output: Path) -> tuple[set[str], bool]:
+    """Files already transcribed into ``output``, and whether it ends mid-line (a crash)."""
+    if not output.exists():
+        return set(), False
+    text = output.read_text(encoding="utf-8")
+    done = set()
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash: that file is redone
+        if isinstance(row, dict) and isinstance(row.get("audio_filepath"), str):
+            done.add(_key(row["audio_filepath"]))
+    return done, bool(text) and not text.endswith("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from speechllama.transcribe import load_model
+
+    setup_torch(args)
+    options = decoding_options(args)
+    files = list(dict.fromkeys(args.files))  # each file once, in the order given
+    done, cut = _done(args.output) if args.output else (set(), False)
+    todo = [f for f in files if _key(f) not in done]
+    if len(todo) < len(files):
+        print(
+            f"{_PROG}: skipping {len(files) - len(todo)} file(s) already in {args.output}",
+            file=sys.stderr,
+        )
+    if not todo:
+        return 0
+    model = load_model(args.model, device=args.device)
+    failed = 0
+    out = args.output.open("a", encoding="utf-8") if args.output else None
+    try:
+        if out is not None and cut:
+            out.write("\n")
+        for index, result in model.transcribe_iter(todo, options):
+            if result.error is not None:
+                failed += 1
+                print(f"{_PROG}: error: {result.error}", file=sys.stderr, flush=True)
+                continue
+            print(f"{todo[index]}\t{result.text}", flush=True)
+            if out is not None:
+                row = {
+                    "audio_filepath": todo[index],
+                    "text": result.text,
+                    "decoder_calls": result.decoder_calls,
+                    "tokens": len(result.tokens),
+                    "seconds": round(result.encoder_seconds + result.decoder_seconds, 6),
+                    "audio_seconds": round(result.audio_seconds, 6),
+                }
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.flush()
+    finally:
+        if out is not None:
+            out.close()
+    if failed:
+        print(f"{_PROG}: {failed} of {len(todo)} file(s) failed", file=sys.stderr)
+        return 1
+    return 0
