@@ -224,6 +224,8 @@ def test_too_long_sequences_raise(batch: dict) -> None:
     cache = model.new_cache(3, 10)
     with pytest.raises(ValueError, match="KV cache"):
         model.prefill(torch.zeros(3, 10, 32), torch.tensor([10, 1, 1]), cache)
+    with pytest.raises(ValueError, match="cache of 3"):
+        model.prefill(batch["audio"][:2], batch["audio_lens"][:2], cache)
     model.prefill(batch["audio"], batch["audio_lens"], cache)  # longest: 8 positions
     with pytest.raises(ValueError, match="max_len=10"):
         model.step(_ids(3, 3, seed=10), cache)

@@ -120,6 +120,7 @@ class SpeechLLaMA(nn.Module):
         after it hold padding that the new lengths make invisible. Returns logits (B, 1, K, V)
         at each sequence's BOS position. Counts one decoder call."""
         B, _, d = audio.shape
+        _check_batch(B, cache)
         audio_lens = audio_lens.to(device=audio.device, dtype=torch.long)
         width = int(audio_lens.max()) + 1
         self._check_fits(width, cache.max_len, "the KV cache length")
@@ -146,6 +147,7 @@ class SpeechLLaMA(nn.Module):
         its ancestors): token j then gets rope position lengths + depth_j, where depth_j =
         (row sum - 1), while its slot stays lengths + j; see ``KVCache.copy_slots`` to
         compact an accepted path. Counts one decoder call."""
+        _check_batch(tokens.shape[0], cache)
         k = tokens.shape[1]
         slots = cache.lengths[:, None] + torch.arange(k, device=tokens.device)
         positions = None
@@ -220,3 +222,8 @@ def _mask_audio(audio: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     """Zero audio frames (B, S, d) at or past each sequence's length."""
     valid = torch.arange(audio.shape[1], device=audio.device)[None, :] < lens[:, None]
     return audio * valid[..., None].to(audio.dtype)
+
+
+def _check_batch(batch_size: int, cache: KVCache) -> None:
+    if batch_size != cache.batch_size:
+        raise ValueError(f"batch of {batch_size} sequences for a cache of {cache.batch_size}")
