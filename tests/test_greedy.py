@@ -1,0 +1,166 @@
+"""Greedy decoding: batched == unbatched token for token, == a naive full-recompute loop, and
+always stops (EOS or the duration-based length limit); calls and time are charged per sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechllama.decoding import DecodingOptions, get_strategy
+from speechllama.decoding.base import Decoded, decode, max_tokens_for
+from speechllama.model.config import preset
+from speechllama.model.speechllama import SpeechLLaMA
+
+torch.set_num_threads(1)
+VOCAB = 48
+NEVER = -1  # an EOS id argmax can never produce: sequences run to their length limit
+
+
+@pytest.fixture(scope="module")
+def model() -> SpeechLLaMA:
+    torch.manual_seed(0)
+    m = SpeechLLaMA(preset("tiny", VOCAB)).eval().double()
+    with torch.no_grad():  # spread the logits so argmax ties (and float noise flips) are unlikely
+        for p in m.parameters():
+            p.mul_(3.0)
+    return m
+
+
+def _audio(model: SpeechLLaMA, lens: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random audio embeddings (B, max(lens), d), zero past each length, and lens (B,)."""
+    g = torch.Generator().manual_seed(seed)
+    d = model.config.decoder.d_model
+    x = torch.randn(len(lens), max(lens), d, generator=g, dtype=torch.float64)
+    for b, n in enumerate(lens):
+        x[b, n:] = 0
+    return x, torch.tensor(lens)
+
+
+def _greedy(model, audio, lens, durations, eos, **opts) -> list[Decoded]:
+    strategy = get_strategy(DecodingOptions(strategy="greedy", **opts))
+    cfg = model.config
+    with torch.inference_mode():
+        return decode(
+            model, strategy, audio, lens, durations, eos_id=eos, pad_id=cfg.pad_id,
+            max_seq_len=cfg.decoder.max_seq_len,
+        )  # fmt: skip
+
+
+def _naive(model, audio, n, duration, eos) -> list[int]:
+    """Reference: recompute the whole teacher-forced forward() for every new token (no cache)."""
+    limit = max_tokens_for(duration, DecodingOptions())
+    out: list[int] = []
+    with torch.inference_mode():
+        while len(out) < limit:
+            tokens = torch.tensor([[model.config.bos_id, *out]])
+            logits = model(audio[None, :n], torch.tensor([n]), tokens, torch.tensor([len(out) + 1]))
+            nxt = int(logits[0, -1, 0].argmax())
+            if nxt == eos:
+                break
+            out.append(nxt)
+    return out
+
+
+LENS = [7, 3, 11, 5]
+DURATIONS = [0.5, 0.2, 1.0, 0.1]  # limits 22, 19, 28, 18 tokens
+
+
+def _eos_by_construction(model, audio, lens) -> int:
+    """A token that sequence 0 emits at its 4th step: used as EOS, it stops that sequence early
+    while the others (probably) run on, so the batch is ragged by construction."""
+    free = _greedy(model, audio, lens, DURATIONS, NEVER)
+    return free[0].tokens[3]
+
+
+def test_batched_equals_unbatched_token_for_token(model):
+    audio, lens = _audio(model, LENS)
+    eos = _eos_by_construction(model, audio, lens)
+    batched = _greedy(model, audio, lens, DURATIONS, eos)
+    lengths = [len(d.tokens) for d in batched]
+    limits = [max_tokens_for(d, DecodingOptions()) for d in DURATIONS]
+    assert len(set(lengths)) > 1, "the test needs ragged lengths"
+    assert lengths[0] <= 3  # stopped at the constructed EOS
+    assert any(n == lim for n, lim in zip(lengths, limits, strict=True))  # and one by the limit
+    for b, n in enumerate(LENS):
+        alone = _greedy(model, audio[b : b + 1, :n], lens[b : b + 1], DURATIONS[b : b + 1], eos)
+        assert alone[0].tokens == batched[b].tokens
+        assert alone[0].decoder_calls == batched[b].decoder_calls
+        assert alone[0].accepted_per_call == batched[b].accepted_per_call
+
+
+def test_greedy_equals_naive_full_forward_loop(model):
+    audio, lens = _audio(model, LENS, seed=1)
+    eos = _eos_by_construction(model, audio, lens)
+    batched = _greedy(model, audio, lens, DURATIONS, eos)
+    for b, n in enumerate(LENS):
+        assert list(batched[b].tokens) == _naive(model, audio[b], n, DURATIONS[b], eos)
+
+
+def test_stops_at_duration_limit_and_counts_calls(model):
+    audio, lens = _audio(model, LENS, seed=2)
+    limits = {"max_tokens_per_second": 10.0, "max_tokens_min": 4}
+    opts = DecodingOptions(**limits)
+    calls0 = model.decoder_calls
+    out = _greedy(model, audio, lens, DURATIONS, NEVER, **limits)
+    assert [max_tokens_for(dur, opts) for dur in DURATIONS] == [9, 6, 14, 5]  # 4 + ceil(10 s)
+    for d, dur in zip(out, DURATIONS, strict=True):
+        limit = max_tokens_for(dur, opts)
+        assert len(d.tokens) == limit
+        # the prefill yields token 1, each later call one more; no call after the limit
+        assert d.decoder_calls == limit
+        assert d.accepted_per_call == (0, limit)
+    # batched calls: the longest sequence needs them all, each call counted once by the model
+    assert model.decoder_calls - calls0 == max(d.decoder_calls for d in out)
+
+
+def test_eos_call_is_counted_with_zero_tokens(model):
+    audio, lens = _audio(model, [6], seed=3)
+    free = _greedy(model, audio, lens, [1.0], NEVER)
+    eos = free[0].tokens[2]
+    first = free[0].tokens.index(eos)  # the EOS stops at its first occurrence
+    out = _greedy(model, audio, lens, [1.0], eos)[0]
+    assert out.tokens == free[0].tokens[:first]
+    assert out.decoder_calls == first + 1
+    assert out.accepted_per_call == ((1, first) if first else (1,))
+
+
+def test_finished_sequences_are_not_fed_and_never_grow(model, monkeypatch):
+    audio, lens = _audio(model, LENS, seed=4)
+    eos = _eos_by_construction(model, audio, lens)
+    before: list[list[int]] = []  # cache lengths before each step call
+    fed: list[list[int]] = []
+    caches = []
+    real_step = model.step
+
+    def spy(tokens, cache, tree_mask=None):
+        before.append(cache.lengths.tolist())
+        fed.append(tokens[:, 0].tolist())
+        caches.append(cache)
+        return real_step(tokens, cache, tree_mask)
+
+    monkeypatch.setattr(model, "step", spy)
+    out = _greedy(model, audio, lens, DURATIONS, eos)
+    final = caches[-1].lengths.tolist()
+    for b, d in enumerate(out):
+        # the prefill leaves S_b + 1 slots; each later call of the sequence writes one kept token
+        steps = d.decoder_calls - 1
+        assert final[b] == LENS[b] + 1 + steps
+        expected = [LENS[b] + 1 + min(i, steps) for i in range(len(before))]
+        assert [row[b] for row in before] == expected
+        # once finished it is fed only padding
+        assert all(row[b] == model.config.pad_id for row in fed[steps:])
+        assert [row[b] for row in fed[:steps]] == list(d.tokens[:steps])
+
+
+def test_time_is_split_over_sequences(model):
+    audio, lens = _audio(model, LENS, seed=5)
+    out = _greedy(model, audio, lens, DURATIONS, NEVER)
+    assert all(d.decoder_seconds > 0 for d in out)
+    # the longest-running sequence pays for its share of every call, so it costs the most
+    longest = max(range(len(out)), key=lambda b: out[b].decoder_calls)
+    assert out[longest].decoder_seconds == max(d.decoder_seconds for d in out)
+
+
+def test_unknown_strategy_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown decoding strategy 'nope'.*greedy"):
+        get_strategy(DecodingOptions(strategy="nope"))
