@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     model = load_model(args.model, device=args.device)
     failed = 0
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
     out = args.output.open("a", encoding="utf-8") if args.output else None
     try:
         if out is not None and cut:
