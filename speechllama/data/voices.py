@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -212,6 +213,9 @@ def _ascii(text: str) -> str:
     return decomposed.encode("ascii", "ignore").decode("ascii")
 
 
+_LEADING_PUNCT = re.compile(r"^[\W_]+")
+
+
 def _run(argv: list[str], wav: Path, voice: Voice) -> tuple[np.ndarray, int]:
     proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, check=False)
     if proc.returncode != 0 or not wav.exists():
@@ -237,7 +241,7 @@ def _espeak(r: Rendition, text: str, workdir: Path) -> tuple[np.ndarray, float]:
 def _flite(r: Rendition, text: str, workdir: Path) -> tuple[np.ndarray, float]:
     txt, wav = _write_text(workdir, _ascii(text)), workdir / "out.wav"
     f0 = _FLITE_F0[r.voice.name]
-    warp = 1.0 if f0 is None else r.pitch  # rms ignores the F0 target: resample it instead
+    warp = r.pitch if f0 is None else 1.0  # rms ignores the F0 target: resample it instead
     argv = ["flite", "-voice", r.voice.name, "--setf", f"duration_stretch={warp / r.speed:.4f}"]
     if f0 is not None:
         argv += ["--setf", f"int_f0_target_mean={f0 * r.pitch:.1f}"]
@@ -246,18 +250,23 @@ def _flite(r: Rendition, text: str, workdir: Path) -> tuple[np.ndarray, float]:
 
 
 def _festival(r: Rendition, text: str, workdir: Path) -> tuple[np.ndarray, float]:
-    txt, wav = _write_text(workdir, _ascii(text)), workdir / "out.wav"
+    # The diphone voices segfault on a sentence opening with "--" or "...": start at a word.
+    txt, wav = _write_text(workdir, _LEADING_PUNCT.sub("", _ascii(text))), workdir / "out.wav"
     name = r.voice.name
     if name not in _FESTIVAL_F0 and name != "cmu_us_slt_arctic_hts":
         raise SynthesisError(f"unknown festival voice {name!r}")
-    warp = 1.0 if name in _FESTIVAL_F0 else r.pitch  # the HTS voice has no F0 target: resample
-    evals = [f"(voice_{name})", f"(Parameter.set 'Duration_Stretch {warp / r.speed:.4f})"]
-    if name in _FESTIVAL_F0:
-        mean, std = _FESTIVAL_F0[name]
-        evals.append(
+    evals = [f"(voice_{name})"]
+    if name in _FESTIVAL_F0:  # diphones: native tempo and F0 target
+        warp, (mean, std) = 1.0, _FESTIVAL_F0[name]
+        evals += [
+            f"(Parameter.set 'Duration_Stretch {1.0 / r.speed:.4f})",
             f"(set! int_lr_params '((target_f0_mean {mean * r.pitch:.1f}) (target_f0_std {std})"
-            " (model_f0_mean 170) (model_f0_std 34)))"
-        )
+            " (model_f0_mean 170) (model_f0_std 34)))",
+        ]
+    else:  # HTS: hts_engine's rate option (it ignores Duration_Stretch and F0 shifts): resample
+        warp = r.pitch
+        rate = f'(("-r" {r.speed / warp:.4f}))'
+        evals.append(f"(set! hts_engine_params (append hts_engine_params '{rate}))")
     argv = ["text2wave", "-o", str(wav)]
     for e in evals:
         argv += ["-eval", e]
