@@ -303,3 +303,15 @@ def test_cli_import_tsv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     captured = capsys.readouterr()
     assert "fsdd_train.jsonl: 3 utterances" in captured.out
     assert "9_gone_1.wav: file not found" in captured.err and "1 row(s) skipped" in captured.err
+
+
+def test_bundled_examples_are_valid_and_small() -> None:
+    from speechllama.assets import ASSETS_DIR, example_manifest
+
+    utts = load_manifest(example_manifest())
+    assert len(utts) == 10
+    assert {u.source for u in utts} == {"ljspeech", "fsdd"}
+    assert all(u.extra["license"] in ("public domain", "CC BY-SA 4.0") for u in utts)
+    assert all(Path(u.audio_filepath).parent == ASSETS_DIR / "audio" for u in utts)
+    size = sum(p.stat().st_size for p in ASSETS_DIR.rglob("*") if p.is_file())
+    assert size < 1_000_000
