@@ -315,3 +315,13 @@ def test_bundled_examples_are_valid_and_small() -> None:
     assert all(Path(u.audio_filepath).parent == ASSETS_DIR / "audio" for u in utts)
     size = sum(p.stat().st_size for p in ASSETS_DIR.rglob("*") if p.is_file())
     assert size < 1_000_000
+
+
+def test_cli_synth_placeholder_when_synthesis_cannot_import(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "speechllama.data.synth", None)  # import raises ImportError
+    assert cli_main(["data", "synth"]) == 1
+    assert "synthesis is unavailable" in capsys.readouterr().err

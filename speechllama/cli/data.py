@@ -67,7 +67,7 @@ def _add_prepare_text(sub: argparse._SubParsersAction) -> None:
     d = TextPrepOptions()
     p = sub.add_parser(
         "prepare-text",
-        help="normalise, split, deduplicate and split corpora into train/dev/heldout",
+        help="normalise corpora, split long sentences, deduplicate, divide into train/dev/heldout",
         description="Turn text corpora into sentence lists for synthesis: normalise every "
         "line with the project's one normaliser, split sentences longer than --max-words at "
         "clause punctuation (clauses still too long are dropped), drop pieces shorter than "
@@ -196,8 +196,9 @@ def _prepare_text(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if options.min_words < 1 or options.max_words < options.min_words:
-        raise ValueError(f"need 1 <= --min-words <= --max-words, got {options.min_words}, "
-                         f"{options.max_words}")
+        raise ValueError(
+            f"need 1 <= --min-words <= --max-words, got {options.min_words}, {options.max_words}"
+        )
     stats = prepare_text(args.corpus, args.out, exclude_paths=args.exclude, options=options)
     print(
         f"{args.out}: {stats.train} train, {stats.dev} dev, {stats.heldout} heldout sentences "
