@@ -1,0 +1,156 @@
+"""Training examples and batches: audio -> (features | cached encoder output) + target tokens.
+
+Targets follow the model's layout (see ``train/losses.py``): ``tokens`` = [BOS] y (decoder
+input), ``labels`` = y EOS (next-token targets), both right-padded with the pad id, plus the
+bare ``y`` for CTC. Texts are normalised and tokenised once at start-up, not every epoch.
+
+Randomness (waveform augmentation, the choice of cached copy) is drawn from a generator seeded
+by ``(seed, epoch, index)``, so an example is the same whichever worker builds it and whether
+or not the run was resumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from speechllama.audio import load_audio
+from speechllama.features import compute_features
+from speechllama.text import BOS_ID, PAD_ID, Tokenizer, target_ids
+
+SAMPLE_RATE = 16_000
+_SEGMENT_SLACK = 0.1  # seconds a file may exceed its row's duration and still be taken whole
+_TENSOR_FIELDS = (
+    "inputs",
+    "input_lens",
+    "tokens",
+    "labels",
+    "label_lens",
+    "ctc_targets",
+    "ctc_lens",
+)
+WaveAugment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+@dataclass
+class Batch:
+    """One padded micro-batch.
+
+    inputs (B, T, F): log-mel features, or encoder outputs when ``encoded``; input_lens (B,);
+    tokens (B, U) = [BOS] y; labels (B, U) = y EOS; label_lens (B,) = len(y) + 1;
+    ctc_targets (B, L) = y; ctc_lens (B,); durations in seconds; indices into the dataset."""
+
+    inputs: torch.Tensor
+    input_lens: torch.Tensor
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    label_lens: torch.Tensor
+    ctc_targets: torch.Tensor
+    ctc_lens: torch.Tensor
+    durations: list[float]
+    indices: list[int]
+    encoded: bool = False
+
+    def to(self, device: torch.device | str) -> Batch:
+        move = {name: getattr(self, name).to(device, non_blocking=True) for name in _TENSOR_FIELDS}
+        return Batch(**move, durations=self.durations, indices=self.indices, encoded=self.encoded)
+
+    @property
+    def audio_seconds(self) -> float:
+        return float(sum(self.durations))
+
+
+def load_wave(utt: Any) -> np.ndarray:
+    """The utterance's samples (N,) float32 at 16 kHz: the whole file, or the segment
+    [offset, offset + duration) when the row describes part of a longer recording."""
+    wave = load_audio(utt.audio_filepath, sample_rate=SAMPLE_RATE)
+    offset = float(getattr(utt, "offset", 0.0) or 0.0)
+    if offset > 0 or wave.shape[0] > (utt.duration + _SEGMENT_SLACK) * SAMPLE_RATE:
+        start = round(offset * SAMPLE_RATE)
+        wave = wave[start : start + round(utt.duration * SAMPLE_RATE)]
+    return wave
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Utterances (objects with ``audio_filepath``, ``text``, ``duration``) -> examples.
+
+    With ``cache`` (an :class:`~speechllama.train.cache.EncoderCache`) the example is the cached
+    encoder output of one of its copies; otherwise the features of the (optionally augmented)
+    waveform. ``targets[i]`` is y EOS of utterance i."""
+
+    def __init__(
+        self,
+        utterances: Sequence[Any],
+        tokenizer: Tokenizer,
+        *,
+        feature_kind: str = "fbank",
+        n_mels: int = 80,
+        augment: WaveAugment | None = None,
+        cache: Any = None,
+        seed: int = 0,
+    ) -> None:
+        self.utterances = list(utterances)
+        self.targets = [target_ids(u.text, tokenizer) for u in self.utterances]
+        self.durations = [float(u.duration) for u in self.utterances]
+        self.feature_kind = feature_kind
+        self.n_mels = n_mels
+        self.augment = augment
+        self.cache = cache
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        utt = self.utterances[index]
+        if self.cache is not None:
+            copy = int(self.rng(index).integers(self.cache.copies))
+            inputs = self.cache.get(utt, copy)
+        else:
+            wave = load_wave(utt)
+            if self.augment is not None:
+                wave = self.augment(wave, self.rng(index))
+            inputs = compute_features(wave, self.feature_kind, self.n_mels)
+        return {
+            "inputs": inputs,
+            "target": self.targets[index],
+            "duration": self.durations[index],
+            "index": index,
+        }
+
+
+def collate(examples: Sequence[dict[str, Any]], encoded: bool = False) -> Batch:
+    """Pad a list of examples into a :class:`Batch` (inputs with zeros, ids with the pad id)."""
+    inputs = [e["inputs"] for e in examples]
+    targets = [torch.tensor(e["target"], dtype=torch.long) for e in examples]
+    y = [t[:-1] for t in targets]  # drop EOS
+    return Batch(
+        inputs=pad_sequence(inputs, batch_first=True),
+        input_lens=torch.tensor([x.shape[0] for x in inputs], dtype=torch.long),
+        tokens=pad_sequence(
+            [torch.cat([torch.tensor([BOS_ID]), t]) for t in y],
+            batch_first=True,
+            padding_value=PAD_ID,
+        ),
+        labels=pad_sequence(targets, batch_first=True, padding_value=PAD_ID),
+        label_lens=torch.tensor([len(t) for t in targets], dtype=torch.long),
+        ctc_targets=pad_sequence(y, batch_first=True, padding_value=PAD_ID)
+        if any(len(t) for t in y)
+        else torch.zeros(len(y), 1, dtype=torch.long),
+        ctc_lens=torch.tensor([len(t) for t in y], dtype=torch.long),
+        durations=[float(e["duration"]) for e in examples],
+        indices=[int(e["index"]) for e in examples],
+        encoded=encoded,
+    )
