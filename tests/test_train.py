@@ -1,14 +1,33 @@
-"""Training pieces: loss masking and head shifting, CTC, the LR schedule."""
+"""Training: loss masking and head shifting, CTC, the LR schedule, resumption, the encoder
+cache, the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+from speechllama.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from speechllama.cli import main
+from speechllama.cli.train import parse_augment
+from speechllama.data.manifest import load_manifest
+from speechllama.features import compute_features
+from speechllama.model.config import preset
+from speechllama.model.encoder import build_encoder
+from speechllama.model.speechllama import SpeechLLaMA
+from speechllama.text import Tokenizer, train_tokenizer
+from speechllama.train import loop
+from speechllama.train.cache import EncoderCache, fingerprint
+from speechllama.train.config import TrainConfig
+from speechllama.train.data import load_wave
 from speechllama.train.losses import IGNORE, ctc_loss, head_targets, multi_token_loss
 from speechllama.train.schedule import build_scheduler, warmup_cosine
 
@@ -128,3 +147,186 @@ def test_scheduler_drives_optimizer_and_restores() -> None:
     opt.step(), sched.step(), opt2.step(), sched2.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
     assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * warmup_cosine(7, 4, 20))
+
+
+# --- the loop: resumption, the encoder cache ----------------------------------------------------
+
+WORDS = [
+    "red cat",
+    "blue dog",
+    "green tea",
+    "open door",
+    "big sun",
+    "small map",
+    "hot pan",
+    "wet fog",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Eight short tone clips with two-word transcripts, a manifest and a tokenizer."""
+    root = tmp_path_factory.mktemp("corpus")
+    rows = []
+    for i, text in enumerate(WORDS):
+        seconds = 0.4 + 0.08 * i
+        t = np.arange(int(seconds * 16000)) / 16000
+        wave = 0.3 * np.sin(2 * np.pi * (200 + 90 * i) * t).astype(np.float32)
+        path = root / f"u{i}.wav"
+        sf.write(path, wave, 16000)
+        rows.append({"audio_filepath": str(path), "text": text, "duration": seconds})
+    manifest = root / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = root / "tokenizer.model"
+    train_tokenizer(WORDS * 3, tok, vocab_size=24)
+    return manifest, tok
+
+
+def _cfg(corpus: tuple[Path, Path], out: Path, **changes: object) -> TrainConfig:
+    manifest, tok = corpus
+    base = {
+        "train_manifest": str(manifest),
+        "out_dir": str(out),
+        "tokenizer": str(tok),
+        "preset": "tiny",
+        "max_steps": 6,
+        "max_duration": 1.6,
+        "num_buckets": 2,
+        "grad_accum": 2,
+        "warmup": 2,
+        "save_every": 3,
+        "keep_last": 5,
+        "log_every": 1,
+        "progress": False,
+        "threads": 1,
+    }
+    return TrainConfig(**{**base, **changes})
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch, seen: list[list[int]], stop_after: int = 0):
+    from speechllama.train.step import compute_loss as real
+
+    def wrapped(model, batch, **kwargs):
+        if stop_after and len(seen) == stop_after:
+            raise _Interrupt
+        seen.append(list(batch.indices))
+        return real(model, batch, **kwargs)
+
+    monkeypatch.setattr(loop, "compute_loss", wrapped)
+
+
+def test_resume_replays_the_same_batches_and_weights(
+    corpus: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    straight: list[list[int]] = []
+    _recording(monkeypatch, straight)
+    result = loop.train(_cfg(corpus, tmp_path / "a"))
+    assert result.steps == 6 and len(straight) == 12  # 2 micro-batches per step
+    assert result.epochs_done > 1  # the run crossed an epoch boundary
+    # Interrupt a second run in step 4 (micro-batch 7), after the step-3 checkpoint.
+    first: list[list[int]] = []
+    _recording(monkeypatch, first, stop_after=7)
+    with pytest.raises(_Interrupt):
+        loop.train(_cfg(corpus, tmp_path / "b"))
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-00000003"]
+    second: list[list[int]] = []
+    _recording(monkeypatch, second)
+    resumed = loop.train(_cfg(corpus, tmp_path / "b", resume=True))
+    assert first[:6] + second == straight
+    # Same batches, optimizer state and RNG: the same weights, bit for bit.
+    a, _, _ = load_checkpoint(result.last_checkpoint)
+    b, _, doc = load_checkpoint(resumed.last_checkpoint)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    assert doc["training"]["steps"] == 6 and doc["training"]["git_commit"] != ""
+    events = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()]
+    starts = [e for e in events if e["event"] == "start"]
+    assert starts[-1]["resumed_from"].endswith("step-00000003")
+    assert [e["step"] for e in events if e["event"] == "train"][-3:] == [4, 5, 6]
+    with pytest.raises(ValueError, match="changed"):
+        loop.train(_cfg(corpus, tmp_path / "b", resume=True, lr=0.5))
+
+
+def test_frozen_encoder_outputs_are_cached_once(
+    corpus: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = Tokenizer.load(corpus[1])
+    torch.manual_seed(0)
+    cfg = preset("tiny", tokenizer.vocab_size)
+    frozen = SpeechLLaMA(cfg.replace(encoder=dataclasses.replace(cfg.encoder, frozen=True)))
+    init = save_checkpoint(frozen, tokenizer, tmp_path / "init")
+    before = {k: v.clone() for k, v in frozen.encoder.state_dict().items()}
+    calls = []
+    real_forward = type(frozen.encoder).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(frozen.encoder), "forward", counting)
+    run = _cfg(corpus, tmp_path / "run", preset=None, init=str(init), tokenizer=None,
+               max_steps=4, save_every=100)  # fmt: skip
+    result = loop.train(run)
+    encoder_calls = len(calls)
+    assert 1 <= encoder_calls <= 8  # the cache build only; training never runs the encoder
+    shards = list((tmp_path / "run" / "encoder_cache").rglob("shard-*.safetensors"))
+    assert shards
+    trained, _, _ = load_checkpoint(result.last_checkpoint)
+    for name, value in trained.encoder.state_dict().items():
+        assert torch.equal(value, before[name]), name  # frozen: untouched
+    # A second run over the same data reuses the cache: no encoder call at all.
+    loop.train(dataclasses.replace(run, out_dir=str(tmp_path / "run2"),
+                                   cache_dir=str(tmp_path / "run" / "encoder_cache")))  # fmt: skip
+    assert len(calls) == encoder_calls
+
+
+def test_encoder_cache_matches_the_encoder_and_keeps_augmented_copies(
+    corpus: tuple[Path, Path], tmp_path: Path
+) -> None:
+    manifest, _ = corpus
+    utts = load_manifest(manifest)[:3]
+    torch.manual_seed(0)
+    enc = build_encoder(dataclasses.replace(preset("tiny", 24).encoder, frozen=True))
+    cache = EncoderCache(tmp_path, fingerprint(enc, {"f": "fbank"}), copies=2)
+
+    def louder(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return wave + 0.05 * rng.standard_normal(wave.shape).astype(np.float32)
+
+    with pytest.raises(ValueError, match="augmentation"):
+        cache.build(utts, enc, feature_kind="fbank", n_mels=80, progress=False)
+    added = cache.build(utts, enc, feature_kind="fbank", n_mels=80, augment=louder, shard_size=4,
+                        batch_seconds=0.5, progress=False)  # fmt: skip
+    assert added == 6 and not cache.missing(utts)
+    reopened = EncoderCache(tmp_path, fingerprint(enc, {"f": "fbank"}), copies=2)
+    assert len(reopened) == 6 and len(list(reopened.dir.glob("shard-*"))) == 2
+    for utt in utts:
+        feats = compute_features(load_wave(utt), "fbank", 80)[None]
+        with torch.no_grad():
+            ref, n = enc(feats, torch.tensor([feats.shape[1]]))
+        got = reopened.get(utt, 0)
+        assert got.dtype == torch.float16 and got.shape == ref[0, : int(n[0])].shape
+        assert torch.allclose(got.float(), ref[0, : int(n[0])], atol=2e-2, rtol=1e-2)
+        assert not torch.allclose(reopened.get(utt, 1).float(), got.float(), atol=1e-3)
+    # Another encoder (or feature config) is another fingerprint: nothing is reused.
+    other = build_encoder(dataclasses.replace(preset("tiny", 24).encoder, frozen=True))
+    assert fingerprint(other, {"f": "fbank"}) != fingerprint(enc, {"f": "fbank"})
+    assert fingerprint(enc, {"f": "whisper"}) != fingerprint(enc, {"f": "fbank"})
+
+
+def test_cli_parses_augment_and_refuses_heads_with_init() -> None:
+    assert parse_augment(None) is None
+    assert parse_augment([]) == {}
+    assert parse_augment(["speed=[0.9, 1.1]", "noise-snr=20", "kind=babble"]) == {
+        "speed": [0.9, 1.1],
+        "noise_snr": 20,
+        "kind": "babble",
+    }
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_augment(["speed"])
+    code = main(["train", "--train", "x.jsonl", "--init", "ckpt", "--heads", "2", "--out", "o"])
+    assert code == 1

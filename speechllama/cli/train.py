@@ -1,0 +1,206 @@
+"""`speechllama train`: argument parsing only; the run itself is ``speechllama.train.loop``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from speechllama.model.config import PRESETS
+
+_EPILOG = """examples:
+  speechllama train --train data/train.jsonl --dev data/dev.jsonl --text data/text.txt \\
+      --preset small --out exp/small --max-steps 20000
+  speechllama train --train data/train.jsonl --dev data/dev.jsonl --out exp/small --resume \\
+      --preset small --text data/text.txt --max-steps 20000    # same options, continue
+  speechllama train --train data/train.jsonl --init exp/small/best --heads 4 \\
+      --head-kind latent --out exp/mtp4 --lr 3e-4
+
+Writes OUT/step-NNNNNNNN/ checkpoints (the last --keep-last, with optimizer state for
+--resume), OUT/best/ (lowest dev WER), OUT/metrics.jsonl and OUT/tokenizer.model if trained."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a Speech-LLaMA model",
+        description="Train (or fine-tune, or resume) a Speech-LLaMA model on a NeMo JSONL "
+        "manifest: AdamW, warmup + cosine, duration-bucketed batches, bf16 autocast.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--train", required=True, metavar="MANIFEST", help="training manifest")
+    data.add_argument("--dev", metavar="MANIFEST", help="dev manifest (loss and greedy WER)")
+    data.add_argument("--tokenizer", metavar="FILE", help="SentencePiece model to use")
+    data.add_argument(
+        "--text",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="train a tokenizer on these text files (default without --tokenizer: on the "
+        "training transcripts)",
+    )
+    data.add_argument("--vocab-size", type=int, default=512, metavar="N", help="(default: 512)")
+    data.add_argument("--out", required=True, metavar="DIR", help="run directory")
+
+    model = p.add_argument_group("model")
+    start = model.add_mutually_exclusive_group(required=True)
+    start.add_argument("--preset", choices=PRESETS, help="train this preset from scratch")
+    start.add_argument("--init", metavar="CKPT", help="fine-tune this checkpoint directory")
+    model.add_argument("--heads", type=int, metavar="K", help="multi-token heads (preset only)")
+    model.add_argument("--head-kind", metavar="KIND", help="head architecture (preset only)")
+    model.add_argument(
+        "--head-loss-weights", type=float, nargs="+", metavar="W", help="one weight per head"
+    )
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: epochs)")
+    opt.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
+    opt.add_argument(
+        "--max-duration",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="audio seconds per micro-batch (default: %(default)s)",
+    )
+    opt.add_argument("--max-batch-size", type=int, metavar="N", help="utterances per batch cap")
+    opt.add_argument("--buckets", type=int, default=10, help="duration buckets (default: 10)")
+    opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    opt.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine floor (0.05)")
+    opt.add_argument("--warmup", type=int, default=500, metavar="STEPS", help="(default: 500)")
+    opt.add_argument("--weight-decay", type=float, default=0.01, help="(default: 0.01)")
+    opt.add_argument("--grad-accum", type=int, default=1, metavar="N", help="(default: 1)")
+    opt.add_argument("--clip", type=float, default=1.0, help="grad-norm clip, 0 = off (1.0)")
+    opt.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast for the model; losses stay fp32 (default: on)",
+    )
+    opt.add_argument(
+        "--ctc-weight",
+        type=float,
+        metavar="W",
+        help="auxiliary CTC loss weight (default: 0.3 if the model has a CTC head, else 0)",
+    )
+    opt.add_argument("--seed", type=int, default=0)
+
+    aug = p.add_argument_group("augmentation and encoder cache")
+    aug.add_argument(
+        "--spec-augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SpecAugment masks (time masks only on cached encoder outputs) (default: on)",
+    )
+    aug.add_argument(
+        "--augment",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="waveform augmentation; bare --augment uses the defaults, KEY=VALUE (JSON values) "
+        "sets AugmentConfig fields",
+    )
+    aug.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cache a frozen encoder's outputs on disk (default: on)",
+    )
+    aug.add_argument("--cache-dir", metavar="DIR", help="(default: OUT/encoder_cache)")
+    aug.add_argument(
+        "--cache-copies",
+        type=int,
+        default=1,
+        metavar="K",
+        help="cached copies per utterance: 1 clean + K-1 augmented (default: 1)",
+    )
+
+    run = p.add_argument_group("evaluation, checkpoints, resources")
+    run.add_argument("--eval-every", type=int, default=1000, metavar="STEPS")
+    run.add_argument("--eval-utterances", type=int, default=200, metavar="N", help="for WER")
+    run.add_argument("--save-every", type=int, default=1000, metavar="STEPS")
+    run.add_argument("--keep-last", type=int, default=3, metavar="N")
+    run.add_argument("--log-every", type=int, default=20, metavar="STEPS")
+    run.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    run.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
+    run.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    run.add_argument("--workers", type=int, default=0, metavar="N", help="data loader workers")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+
+
+def parse_augment(items: list[str] | None) -> dict[str, Any] | None:
+    """``None`` (flag absent) -> None; ``[]`` -> {} (defaults); KEY=VALUE with JSON values."""
+    if items is None:
+        return None
+    spec: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--augment expects KEY=VALUE, got {item!r}")
+        try:
+            spec[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            spec[key.replace("-", "_")] = raw
+    return spec
+
+
+def _run(args: argparse.Namespace) -> int:
+    from speechllama.train.config import TrainConfig
+    from speechllama.train.loop import train
+
+    if args.init and (args.heads or args.head_kind or args.head_loss_weights):
+        raise ValueError("--heads/--head-kind/--head-loss-weights apply to a --preset only")
+    cfg = TrainConfig(
+        train_manifest=args.train,
+        dev_manifest=args.dev,
+        out_dir=args.out,
+        preset=args.preset,
+        init=args.init,
+        tokenizer=args.tokenizer,
+        text=tuple(args.text),
+        vocab_size=args.vocab_size,
+        num_heads=args.heads,
+        head_kind=args.head_kind,
+        head_loss_weights=tuple(args.head_loss_weights) if args.head_loss_weights else None,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        epochs=args.epochs,
+        max_duration=args.max_duration,
+        max_batch_size=args.max_batch_size,
+        num_buckets=args.buckets,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_accum=args.grad_accum,
+        clip=args.clip,
+        bf16=args.bf16,
+        ctc_weight=args.ctc_weight,
+        spec_augment=args.spec_augment,
+        augment=parse_augment(args.augment),
+        cache=args.cache,
+        cache_dir=args.cache_dir,
+        cache_copies=args.cache_copies,
+        eval_every=args.eval_every,
+        eval_max_utterances=args.eval_utterances,
+        save_every=args.save_every,
+        keep_last=args.keep_last,
+        log_every=args.log_every,
+        save_dtype=args.save_dtype,
+        threads=args.threads,
+        num_workers=args.workers,
+        progress=not args.no_progress,
+        resume=args.resume,
+    )
+    result = train(cfg)
+    print(
+        f"trained {result.steps} steps, {result.audio_hours:.3f} audio hours "
+        f"({result.audio_h_per_h:.1f} audio-h per h), final train loss {result.train_loss:.4f}"
+    )
+    if result.dev:
+        print(f"dev loss {result.dev['dev_loss']:.4f}, dev WER {100 * result.dev['dev_wer']:.2f}%")
+    print(f"last checkpoint: {result.last_checkpoint}")
+    if result.best_checkpoint:
+        print(f"best checkpoint: {result.best_checkpoint}")
+    return 0

@@ -1,0 +1,103 @@
+"""What a training run starts from: the tokenizer, the model, and its provenance record.
+
+Kept apart from the loop so the loop reads as the loop: these functions decide *which* model
+(a preset sized to the tokenizer, or an ``--init`` checkpoint) and *which* tokenizer (a file,
+one trained on ``--text``, or the one inside the checkpoint being resumed or fine-tuned).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from speechllama.checkpoint import load_checkpoint
+from speechllama.model.config import ModelConfig, preset
+from speechllama.text import Tokenizer, read_lines, train_tokenizer
+
+
+def resolve_tokenizer(
+    tokenizer: str | None,
+    text_files: Sequence[str],
+    fallback_texts: Sequence[str],
+    out_dir: Path,
+    vocab_size: int,
+) -> Tokenizer:
+    """Load ``tokenizer``, or train one (on ``text_files``, else on ``fallback_texts``, the
+    training transcripts) into ``out_dir/tokenizer.model``. Texts are normalised first, so the
+    pieces are learned on exactly what the model will be asked to write."""
+    if tokenizer is not None:
+        return Tokenizer.load(tokenizer)
+    sentences: Iterable[str] = (
+        (line for f in text_files for line in read_lines(f)) if text_files else fallback_texts
+    )
+    return train_tokenizer(sentences, out_dir / "tokenizer.model", vocab_size)
+
+
+def build_model(
+    preset_name: str | None,
+    init: str | None,
+    tokenizer: Tokenizer | None,
+    *,
+    ctc: bool,
+    heads: dict[str, Any] | None = None,
+) -> tuple[torch.nn.Module, Tokenizer]:
+    """A SpeechLLaMA to train and its tokenizer.
+
+    ``preset_name``: a fresh model sized to ``tokenizer``; a sourced encoder gets its pretrained
+    weights. ``init``: the checkpoint's model and tokenizer (fine-tuning). ``ctc`` adds the
+    CTC head to a preset. ``heads`` overrides ``HeadsConfig`` fields of a preset."""
+    from speechllama.model.config import HeadsConfig
+    from speechllama.model.speechllama import SpeechLLaMA
+
+    if init is not None:
+        model, tok, _ = load_checkpoint(init)
+        if tokenizer is not None and tokenizer.model_proto != tok.model_proto:
+            raise ValueError(f"{init}: --tokenizer differs from the checkpoint's tokenizer")
+        return model.train(), tok
+    if tokenizer is None or preset_name is None:
+        raise ValueError("a preset needs a tokenizer")
+    cfg: ModelConfig = preset(preset_name, tokenizer.vocab_size)
+    if ctc and not cfg.ctc:
+        cfg = cfg.replace(ctc=True)
+    if heads:
+        cfg = cfg.replace(heads=HeadsConfig(**{**cfg.heads.__dict__, **heads}))
+    cfg.validate()
+    model = SpeechLLaMA(cfg)
+    if cfg.encoder.source is not None:
+        from speechllama.model.weights import load_encoder_weights
+
+        load_encoder_weights(model.encoder, cfg.encoder.source)
+    return model.train(), tokenizer
+
+
+def git_commit() -> str | None:
+    """The source tree's commit (with ``-dirty`` when modified), or None outside a checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{rev}-dirty" if dirty else rev
+
+
+def provenance(train_config: dict[str, Any], **facts: Any) -> dict[str, Any]:
+    """The ``training`` record of a checkpoint's config.json."""
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "train_config": train_config,
+        **facts,
+    }

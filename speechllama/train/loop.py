@@ -1,0 +1,381 @@
+"""The training loop: ``train(TrainConfig) -> TrainResult``.
+
+One optimizer step = ``grad_accum`` micro-batches from the duration-bucketing sampler, AdamW with
+warmup + cosine, gradient clipping, bf16 autocast for the model (losses in fp32). Every
+``eval_every`` steps: dev loss and greedy WER; every ``save_every`` steps: an atomic checkpoint
+directory ``OUT/step-NNNNNNNN`` with the training state (the last ``keep_last`` are kept), plus
+``OUT/best`` whenever the dev WER improves. Metrics go to ``OUT/metrics.jsonl``.
+
+Resumption (``resume``) restarts from the newest complete ``step-*`` checkpoint: weights,
+optimizer, schedule, torch RNG and the sampler position ``(epoch, batches_done)``, so the run
+sees the same batches in the same order as if it had never stopped. Checkpoints are only taken
+at optimizer-step boundaries, where no accumulated gradient is pending.
+
+Throughput (``audio_h_per_h``) is training audio hours per wall-clock hour of training,
+data loading included, evaluation and checkpoint writing excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from speechllama.checkpoint import TMP_MARK, list_checkpoints, load_train_state, save_checkpoint
+from speechllama.data.sampler import DurationBucketSampler
+from speechllama.train.build import build_model, provenance, resolve_tokenizer
+from speechllama.train.config import TrainConfig
+from speechllama.train.data import Batch, collate
+from speechllama.train.schedule import build_scheduler
+from speechllama.train.setup import prepare_data
+from speechllama.train.step import compute_loss
+from speechllama.train.validate import validate
+
+STEP_PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    epochs_done: float
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    train_loss: float
+    audio_hours: float
+    audio_h_per_h: float
+    dev: dict[str, Any] | None
+
+
+class MetricsLog:
+    """Append-only JSONL; one object per line, flushed so a crash loses nothing written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+
+    def write(self, event: str, **values: Any) -> None:
+        self._f.write(json.dumps({"event": event, **values}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) the training that ``cfg`` describes; see the module docstring."""
+    return Trainer(cfg).run()
+
+
+class Trainer:
+    """One run's state: model, data, optimizer, counters. ``run()`` executes it."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.out = out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(out)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(cfg.seed)
+
+        self.resumed_from = list_checkpoints(out, STEP_PREFIX)[-1] if cfg.resume else None
+        if cfg.resume and self.resumed_from is None:
+            print(f"speechllama train: nothing to resume in {out}; starting afresh")
+        state: dict[str, Any] = {}
+        if self.resumed_from is not None:
+            state = load_train_state(self.resumed_from)
+            changed = cfg.replay_differences(TrainConfig.from_dict(state["train_config"]))
+            if changed:
+                raise ValueError(f"{self.resumed_from}: cannot resume with changed {changed}")
+            model, tokenizer = build_model(None, str(self.resumed_from), None, ctc=False)
+        else:
+            model, tokenizer = self._fresh_model()
+        self.model, self.tokenizer = model, tokenizer
+        mcfg = model.config
+        self.ctc_weight = cfg.ctc_weight if cfg.ctc_weight is not None else 0.3 * mcfg.ctc
+        if self.ctc_weight > 0 and not mcfg.ctc:
+            raise ValueError("--ctc-weight needs a model with a CTC head (this one has none)")
+        self.head_weights = tuple(mcfg.heads.loss_weights)
+        model.to(self.device).train()
+
+        self.data = prepare_data(cfg, model, tokenizer, self.device, out)
+        self.sampler = DurationBucketSampler(
+            self.data.train.durations,
+            cfg.max_duration,
+            num_buckets=cfg.num_buckets,
+            seed=cfg.seed,
+            max_batch_size=cfg.max_batch_size,
+        )
+        per_epoch = max(1, math.ceil(len(self.sampler.epoch_batches(0)) / cfg.grad_accum))
+        self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {
+                    "params": [p for p in self.params if p.dim() >= 2],
+                    "weight_decay": cfg.weight_decay,
+                },
+                {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=cfg.betas,
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.warmup, self.total_steps, cfg.min_lr_ratio
+        )
+        # Counters: optimizer steps, the sampler position, audio and time consumed.
+        self.step = self.epoch = self.batches_done = 0
+        self.audio_seconds = self.train_seconds = 0.0
+        self.best: dict[str, Any] = {}
+        self._accum = 0  # micro-batches whose gradients are pending
+        self._mark = time.perf_counter()
+        self.window: list[tuple[float, float, float]] = []  # (loss, ce, ctc) per micro-batch
+        self.last_loss = math.nan
+        self.grad_norm = math.nan
+        self.per_head: tuple[float, ...] = ()
+        if state:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            for key in ("step", "epoch", "batches_done", "audio_seconds", "train_seconds"):
+                setattr(self, key, state[key])
+            self.best = state.get("best") or {}
+        self.log = MetricsLog(out / "metrics.jsonl")
+
+    def _fresh_model(self) -> tuple[torch.nn.Module, Any]:
+        cfg = self.cfg
+        tok = None
+        if cfg.init is None:
+            from speechllama.data.manifest import load_manifest
+
+            texts = [u.text for u in load_manifest(cfg.train_manifest)]
+            tok = resolve_tokenizer(cfg.tokenizer, cfg.text, texts, self.out, cfg.vocab_size)
+        heads = {
+            "num_heads": cfg.num_heads,
+            "kind": cfg.head_kind,
+            "loss_weights": cfg.head_loss_weights,
+        }
+        heads = {k: v for k, v in heads.items() if v is not None}
+        return build_model(cfg.preset, cfg.init, tok, ctc=bool(cfg.ctc_weight), heads=heads)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, data = self.cfg, self.data
+        self.log.write(
+            "start",
+            step=self.step,
+            total_steps=self.total_steps,
+            resumed_from=str(self.resumed_from) if self.resumed_from else None,
+            train_utterances=len(data.train),
+            train_hours=sum(data.train.durations) / 3600,
+            skipped=data.skipped,
+            params=sum(p.numel() for p in self.params),
+            device=str(self.device),
+            ctc_weight=self.ctc_weight,
+        )
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not cfg.progress)
+        last_dev: dict[str, Any] | None = None
+        last_saved = self.step if self.resumed_from else -1
+        try:
+            for batch in self._micro_batches():
+                if not self._train_micro_batch(batch):
+                    continue  # gradients still accumulating
+                rate = self.audio_seconds / max(self.train_seconds, 1e-9)  # audio h per h
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.last_loss:.3f}", ah_per_h=f"{rate:.0f}")
+                final = self.step >= self.total_steps
+                if self.step % cfg.log_every == 0 or final:
+                    self._log_train(rate)
+                if data.dev_batches and (self.step % cfg.eval_every == 0 or final):
+                    last_dev = self._evaluate()
+                    bar.write(
+                        f"step {self.step}: dev loss {last_dev['dev_loss']:.3f} "
+                        f"WER {100 * last_dev['dev_wer']:.1f}%"
+                    )
+                if self.step % cfg.save_every == 0 or final:
+                    self._save_step()
+                    last_saved = self.step
+                self._mark = time.perf_counter()  # evaluating and saving is not training time
+                if final:
+                    break
+            if last_saved != self.step:
+                self._save_step()
+            self.log.write(
+                "end",
+                step=self.step,
+                audio_hours=self.audio_seconds / 3600,
+                train_seconds=self.train_seconds,
+            )
+        finally:
+            bar.close()
+            self.log.close()
+        steps = list_checkpoints(self.out, STEP_PREFIX)
+        return TrainResult(
+            steps=self.step,
+            epochs_done=self._epochs_done(),
+            last_checkpoint=steps[-1] if steps else None,
+            best_checkpoint=self.out / "best" if (self.out / "best").is_dir() else None,
+            train_loss=self.last_loss,
+            audio_hours=self.audio_seconds / 3600,
+            audio_h_per_h=self.audio_seconds / max(self.train_seconds, 1e-9),
+            dev=last_dev,
+        )
+
+    def _micro_batches(self) -> Iterator[Batch]:
+        """Micro-batches from the sampler position on, epoch after epoch, forever; the counters
+        (epoch, batches_done) always say where the next batch comes from."""
+        encoded = self.data.cache is not None
+        self._mark = time.perf_counter()
+        while True:
+            self.data.train.set_epoch(self.epoch)
+            loader = DataLoader(
+                self.data.train,
+                batch_sampler=self.sampler.epoch_batches(self.epoch)[self.batches_done :],
+                collate_fn=partial(collate, encoded=encoded),
+                num_workers=self.cfg.num_workers,
+                # Its own generator: creating an iterator must not draw from the global RNG, or
+                # a resumed run (one more iterator) would get other dropout/SpecAugment masks.
+                generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch),
+            )
+            for batch in loader:
+                self.batches_done += 1
+                yield batch
+            self.epoch += 1
+            self.batches_done = 0
+
+    def _train_micro_batch(self, batch: Batch) -> bool:
+        """Forward/backward one micro-batch; True when it completed an optimizer step."""
+        cfg = self.cfg
+        batch = batch.to(self.device)
+        out = compute_loss(
+            self.model,
+            batch,
+            ctc_weight=self.ctc_weight,
+            head_weights=self.head_weights,
+            bf16=cfg.bf16,
+            spec_augment=self.data.spec_augment,
+        )
+        if torch.isfinite(out.total):
+            (out.total / cfg.grad_accum).backward()
+            self.window.append((float(out.total.detach()), out.ce, out.ctc))
+            self.per_head = out.per_head
+        else:
+            self.log.write("skipped_batch", step=self.step, indices=batch.indices)
+        self.audio_seconds += batch.audio_seconds
+        self._accum += 1
+        if self._accum < cfg.grad_accum:
+            return False
+        self._accum = 0
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip or math.inf))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        now = time.perf_counter()
+        self.train_seconds += now - self._mark
+        self._mark = now
+        if self.window:
+            self.last_loss = sum(w[0] for w in self.window) / len(self.window)
+        return True
+
+    # --- logging, evaluation, checkpoints ------------------------------------------------------
+
+    def _log_train(self, rate: float) -> None:
+        n = max(len(self.window), 1)
+        self.log.write(
+            "train",
+            step=self.step,
+            epoch=self.epoch,
+            loss=self.last_loss,
+            ce=sum(w[1] for w in self.window) / n,
+            ctc=sum(w[2] for w in self.window) / n,
+            per_head=self.per_head,
+            lr=self.scheduler.get_last_lr()[0],
+            grad_norm=self.grad_norm,
+            audio_hours=self.audio_seconds / 3600,
+            train_seconds=self.train_seconds,
+            audio_h_per_h=rate,
+        )
+        self.window.clear()
+
+    def _evaluate(self) -> dict[str, Any]:
+        metrics = validate(
+            self.model,
+            self.tokenizer,
+            self.data.dev_batches,
+            self.data.dev_texts,
+            ctc_weight=self.ctc_weight,
+            head_weights=self.head_weights,
+            bf16=self.cfg.bf16,
+            max_utterances=self.cfg.eval_max_utterances,
+        )
+        self.log.write("eval", step=self.step, **metrics)
+        key = (metrics["dev_wer"], metrics["dev_loss"])
+        if not self.best or key < (self.best["dev_wer"], self.best["dev_loss"]):
+            self.best = {"step": self.step, "dev_wer": key[0], "dev_loss": key[1]}
+            save_checkpoint(
+                self.model, self.tokenizer, self.out / "best", self._meta(), None,
+                dtype=self.cfg.save_dtype,
+            )  # fmt: skip
+            self.log.write("best", step=self.step, path=str(self.out / "best"))
+        return metrics
+
+    def _save_step(self) -> Path:
+        """A resumable checkpoint; always float32, so resuming loses no precision."""
+        path = self.out / f"{STEP_PREFIX}{self.step:08d}"
+        train_state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "audio_seconds": self.audio_seconds,
+            "train_seconds": self.train_seconds,
+            "best": self.best,
+            "train_config": self.cfg.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        save_checkpoint(self.model, self.tokenizer, path, self._meta(), train_state)
+        for old in list_checkpoints(self.out, STEP_PREFIX)[: -self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.log.write("checkpoint", step=self.step, path=str(path))
+        return path
+
+    def _epochs_done(self) -> float:
+        return self.epoch + self.batches_done / max(1, len(self.sampler.epoch_batches(self.epoch)))
+
+    def _meta(self) -> dict[str, Any]:
+        cfg, train_set = self.cfg, self.data.train
+        return provenance(
+            cfg.to_dict(),
+            steps=self.step,
+            epochs=self._epochs_done(),
+            audio_hours=self.audio_seconds / 3600,
+            data={
+                "train_manifest": cfg.train_manifest,
+                "dev_manifest": cfg.dev_manifest,
+                "train_utterances": len(train_set),
+                "train_hours": sum(train_set.durations) / 3600,
+            },
+            dev=self.best or None,
+        )
+
+
+def _remove_stale_tmp(out: Path) -> None:
+    """Delete this run directory's leftovers of interrupted checkpoint saves."""
+    for p in out.iterdir():
+        if p.is_dir() and TMP_MARK in p.name and p.name.startswith((STEP_PREFIX, "best")):
+            shutil.rmtree(p, ignore_errors=True)

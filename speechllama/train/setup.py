@@ -1,0 +1,157 @@
+"""Data for one training run: manifests -> filtered datasets, encoder cache, dev batches.
+
+Utterances that cannot be trained on (audio + transcript longer than the decoder context, or too
+short to yield one audio embedding) are dropped up front and counted, rather than failing the
+run hours in, at the batch that happens to hold them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from speechllama.data.manifest import load_manifest
+from speechllama.data.sampler import DurationBucketSampler
+from speechllama.features import SpecAugment, feature_frames
+from speechllama.model.config import ModelConfig
+from speechllama.text import Tokenizer
+from speechllama.train.cache import EncoderCache, fingerprint
+from speechllama.train.config import TrainConfig
+from speechllama.train.data import SAMPLE_RATE, Batch, SpeechDataset, WaveAugment, collate
+
+_MIN_SECONDS = 0.1
+
+
+@dataclass
+class RunData:
+    """``train``: the training dataset; ``dev_batches``/``dev_texts``: fixed, unaugmented dev
+    batches and raw dev transcripts by dataset index; ``cache``: the encoder cache in use (None:
+    features are computed each epoch); ``spec_augment``: the masking module for training;
+    ``skipped``: utterances dropped, by reason."""
+
+    train: SpeechDataset
+    dev_batches: list[Batch]
+    dev_texts: list[str]
+    cache: EncoderCache | None
+    spec_augment: torch.nn.Module | None
+    skipped: dict[str, int]
+
+
+def embeddings_for(seconds: float, cfg: ModelConfig) -> int:
+    """Audio embeddings the model makes from ``seconds`` of audio (an upper estimate)."""
+    frames = feature_frames(int(seconds * SAMPLE_RATE), cfg.encoder.features)
+    return math.ceil(math.ceil(frames / cfg.encoder.subsampling) / cfg.adapter.stack)
+
+
+def fitting(
+    utterances: list[Any], tokenizer: Tokenizer, cfg: ModelConfig
+) -> tuple[list[Any], dict[str, int]]:
+    """The utterances whose [audio][BOS] y [EOS] fits the decoder context, and skip counts."""
+    from speechllama.text import target_ids
+
+    kept, skipped = [], {"too_short": 0, "too_long": 0}
+    for utt in utterances:
+        if utt.duration < _MIN_SECONDS:
+            skipped["too_short"] += 1
+        elif embeddings_for(utt.duration, cfg) + len(target_ids(utt.text, tokenizer)) + 1 > (
+            cfg.decoder.max_seq_len
+        ):
+            skipped["too_long"] += 1
+        else:
+            kept.append(utt)
+    return kept, skipped
+
+
+def wave_augmenter(spec: dict[str, Any] | None, seed: int) -> WaveAugment | None:
+    """The waveform augmentation ``spec`` (AugmentConfig fields; {} = its defaults) describes,
+    or None when ``spec`` is None."""
+    if spec is None:
+        return None
+    from speechllama.data.augment import AugmentConfig, Augmenter
+
+    augmenter = Augmenter(AugmentConfig(**spec), seed)
+    return lambda wave, rng: augmenter(wave, rng)
+
+
+def prepare_data(
+    cfg: TrainConfig, model: torch.nn.Module, tokenizer: Tokenizer, device: torch.device, out: Path
+) -> RunData:
+    mcfg: ModelConfig = model.config
+    train_utts, skipped = fitting(load_manifest(cfg.train_manifest), tokenizer, mcfg)
+    if not train_utts:
+        raise ValueError(f"{cfg.train_manifest}: no utterance fits the model ({skipped})")
+    dev_utts: list[Any] = []
+    if cfg.dev_manifest:
+        dev_utts, dev_skipped = fitting(load_manifest(cfg.dev_manifest), tokenizer, mcfg)
+        skipped.update({f"dev_{k}": v for k, v in dev_skipped.items()})
+    augment = wave_augmenter(cfg.augment, cfg.seed)
+    kind, n_mels = mcfg.encoder.features, mcfg.encoder.n_mels
+
+    cache = None
+    if mcfg.encoder.frozen and cfg.cache:
+        parts = {
+            "features": kind,
+            "n_mels": n_mels,
+            "encoder": mcfg.encoder.__dict__,
+            "augment": cfg.augment,
+            "seed": cfg.seed,
+        }
+        root = Path(cfg.cache_dir) if cfg.cache_dir else out / "encoder_cache"
+        cache = EncoderCache(root, fingerprint(model.encoder, parts), copies=cfg.cache_copies)
+        model.encoder.eval()
+
+        def encode(feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden, hidden_lens = model.encoder(feats.to(device), lens.to(device))
+            return hidden, hidden_lens
+
+        common = {"feature_kind": kind, "n_mels": n_mels, "progress": cfg.progress}
+        cache.build(train_utts, encode, augment=augment, seed=cfg.seed, **common)
+        if dev_utts:
+            cache.build(dev_utts, encode, copies=1, **common)
+
+    train = SpeechDataset(
+        train_utts,
+        tokenizer,
+        feature_kind=kind,
+        n_mels=n_mels,
+        augment=None if cache is not None else augment,
+        cache=cache,
+        seed=cfg.seed,
+    )
+    dev_batches: list[Batch] = []
+    if dev_utts:
+        clean = _CleanCopy(cache) if cache is not None else None
+        dev = SpeechDataset(dev_utts, tokenizer, feature_kind=kind, n_mels=n_mels, cache=clean)
+        order = DurationBucketSampler(dev.durations, cfg.max_duration, num_buckets=1, shuffle=False)
+        dev_batches = [
+            collate([dev[i] for i in batch], encoded=cache is not None).to(device)
+            for batch in order
+        ]
+    spec: torch.nn.Module | None = None
+    if cfg.spec_augment:
+        # Cached encoder frames are not mel bins: mask them in time only.
+        spec = SpecAugment(freq_masks=0) if cache is not None else SpecAugment()
+    return RunData(
+        train=train,
+        dev_batches=dev_batches,
+        dev_texts=[u.text for u in dev_utts],
+        cache=cache,
+        spec_augment=spec,
+        skipped=skipped,
+    )
+
+
+class _CleanCopy:
+    """View of an encoder cache that always serves copy 0 (dev data is never augmented)."""
+
+    copies = 1
+
+    def __init__(self, cache: EncoderCache) -> None:
+        self._cache = cache
+
+    def get(self, utt: Any, copy: int = 0) -> torch.Tensor:
+        return self._cache.get(utt, 0)

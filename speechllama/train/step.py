@@ -1,0 +1,93 @@
+"""One teacher-forced pass: batch -> audio embeddings -> logits -> losses.
+
+Shared by the training step and the dev-loss evaluation so both score exactly the same thing.
+A batch holds either features (run encoder + adapter) or cached encoder outputs (adapter only);
+a frozen encoder runs without autograd, which saves its activations' memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from speechllama.train.data import Batch
+from speechllama.train.losses import ctc_loss, multi_token_loss
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """``total`` = (1 - ctc_weight) * ce + ctc_weight * ctc, differentiable; the rest detached.
+    ``per_head`` (K,) token-mean CE of each head; ``tokens`` target tokens of head 1."""
+
+    total: torch.Tensor
+    ce: float
+    ctc: float
+    per_head: tuple[float, ...]
+    tokens: int
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU and on GPUs that support it; a no-op when disabled.
+
+    Only the model runs under it: losses are computed outside, in fp32, because log-softmax over
+    a vocabulary in bf16 loses the small probabilities the loss is made of."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def embed(
+    model: torch.nn.Module,
+    batch: Batch,
+    spec_augment: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batch -> (audio embeddings (B, S, d_dec), lens (B,), encoder frames (B, T', d_enc), lens).
+
+    ``spec_augment`` masks features before the encoder, or the cached encoder frames in time
+    when the batch is already encoded (feature masks are no longer possible there)."""
+    inputs, lens = batch.inputs.float(), batch.input_lens
+    if spec_augment is not None:
+        inputs = spec_augment(inputs, lens)
+    if batch.encoded:
+        hidden, hidden_lens = inputs, lens
+    else:
+        frozen = not any(p.requires_grad for p in model.encoder.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            hidden, hidden_lens = model.encoder(inputs, lens)
+    emb, emb_lens = model.adapter(hidden, hidden_lens)
+    return emb, emb_lens, hidden, hidden_lens
+
+
+def compute_loss(
+    model: torch.nn.Module,
+    batch: Batch,
+    *,
+    ctc_weight: float = 0.0,
+    head_weights: tuple[float, ...] = (),
+    bf16: bool = False,
+    spec_augment: torch.nn.Module | None = None,
+) -> StepLoss:
+    """Forward ``batch`` through ``model`` (a SpeechLLaMA) and return its losses."""
+    device = batch.tokens.device
+    with autocast(device, bf16):
+        emb, emb_lens, hidden, hidden_lens = embed(model, batch, spec_augment)
+        logits = model(emb, emb_lens, batch.tokens, batch.label_lens)  # (B, U, K, V)
+        ctc_logits = model.ctc_logits(hidden) if ctc_weight > 0 else None
+    ce = multi_token_loss(logits, batch.labels, batch.label_lens, head_weights)
+    total = ce.total
+    ctc_value = 0.0
+    if ctc_logits is not None:
+        ctc = ctc_loss(ctc_logits, hidden_lens, batch.ctc_targets, batch.ctc_lens, blank=0)
+        total = (1.0 - ctc_weight) * total + ctc_weight * ctc
+        ctc_value = float(ctc.detach())
+    return StepLoss(
+        total=total,
+        ce=float(ce.total.detach()),
+        ctc=ctc_value,
+        per_head=tuple(float(x) for x in ce.per_head),
+        tokens=int(ce.tokens[0]),
+    )

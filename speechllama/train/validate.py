@@ -1,0 +1,87 @@
+"""Validation during training: teacher-forced dev loss and greedy WER on the dev manifest.
+
+Greedy decoding comes from :mod:`speechllama.decoding` (the same strategy loop `transcribe`
+uses), fed with audio embeddings computed by the training data path, so cached encoder outputs
+are reused instead of re-encoding the dev audio at every evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from speechllama.decoding import DecodingOptions, get_strategy
+from speechllama.decoding.base import decode
+from speechllama.evaluate import evaluate_results
+from speechllama.text import Tokenizer
+from speechllama.train.data import Batch
+from speechllama.train.step import compute_loss, embed
+
+
+def greedy_transcripts(model: torch.nn.Module, tokenizer: Tokenizer, batch: Batch) -> list[str]:
+    """Greedy hypotheses (raw decoded text) for one batch, in batch order.
+
+    Runs in full precision, as ``transcribe`` does, so the WER is the one users will see."""
+    cfg = model.config
+    with torch.inference_mode():
+        emb, emb_lens, _, _ = embed(model, batch)
+        decoded = decode(
+            model,
+            get_strategy(DecodingOptions(strategy="greedy")),
+            emb,
+            emb_lens,
+            batch.durations,
+            eos_id=cfg.eos_id,
+            pad_id=cfg.pad_id,
+            max_seq_len=cfg.decoder.max_seq_len,
+        )
+    return [tokenizer.decode(list(d.tokens)) for d in decoded]
+
+
+def validate(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    batches: Sequence[Batch],
+    references: Sequence[str],
+    *,
+    ctc_weight: float,
+    head_weights: tuple[float, ...],
+    bf16: bool,
+    max_utterances: int,
+) -> dict[str, Any]:
+    """Dev loss over all ``batches`` and greedy WER over the first ``max_utterances``.
+
+    ``references[i]`` is the raw transcript of dataset index i. Returns ``dev_loss`` (the
+    training objective), ``dev_ce``, ``dev_wer`` (a fraction), ``dev_utterances`` and up to
+    three ``examples`` of (reference, hypothesis)."""
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum = ce_sum = 0.0
+        weight = 0
+        refs: list[str] = []
+        hyps: list[str] = []
+        for batch in batches:
+            with torch.inference_mode():
+                out = compute_loss(
+                    model, batch, ctc_weight=ctc_weight, head_weights=head_weights, bf16=bf16
+                )
+            loss_sum += float(out.total) * out.tokens
+            ce_sum += out.ce * out.tokens
+            weight += out.tokens
+            if len(refs) < max_utterances:
+                hyps.extend(greedy_transcripts(model, tokenizer, batch))
+                refs.extend(references[i] for i in batch.indices)
+        refs, hyps = refs[:max_utterances], hyps[:max_utterances]
+        scores = evaluate_results(refs, hyps)
+    finally:
+        model.train(was_training)
+    return {
+        "dev_loss": loss_sum / max(weight, 1),
+        "dev_ce": ce_sum / max(weight, 1),
+        "dev_wer": scores["wer"],
+        "dev_utterances": scores["utterances"],
+        "examples": list(zip(refs[:3], hyps[:3], strict=True)),
+    }
