@@ -126,7 +126,9 @@ class Transcriber:
         self, items: list[_Item], options: DecodingOptions, strategy: Strategy, raise_errors: bool
     ) -> Iterator[tuple[int, DecodingResult]]:
         from speechllama.audio import AudioError, load_audio
+        from speechllama.features import feature_frames
 
+        kind = self.config.encoder.features
         waves: list[np.ndarray] = []
         kept: list[_Item] = []
         for item in items:
@@ -135,6 +137,10 @@ class Transcriber:
                     wave = _check_array(item.source)
                 else:
                     wave = load_audio(item.source, sample_rate=SAMPLE_RATE)
+                if feature_frames(wave.shape[0], kind) < 1:  # would fail the whole batch
+                    name = item.name or "audio array"
+                    secs = wave.shape[0] / SAMPLE_RATE
+                    raise AudioError(name, f"too short ({secs * 1000:.0f} ms) for one frame")
             except AudioError as exc:
                 if raise_errors:
                     raise

@@ -120,6 +120,13 @@ def test_bad_files_in_a_list_become_errors_and_the_rest_is_transcribed(model, wa
         model.transcribe(missing)
 
 
+def test_too_short_audio_fails_alone(model, wavs):
+    blip = np.zeros(100, dtype=np.float32)  # under one 25 ms analysis window
+    out = model.transcribe([wavs[1], blip, wavs[3]], batch_size=3)
+    assert out[1].error == "audio array: too short (6 ms) for one frame"
+    assert out[0].tokens == model.transcribe(wavs[1]).tokens and out[2].error is None
+
+
 def test_encoder_time_is_split_by_duration(model, wavs):
     out = model.transcribe(wavs[:3], batch_size=3)
     per_second = [r.encoder_seconds / r.audio_seconds for r in out]
