@@ -225,18 +225,19 @@ def test_resume_replays_the_same_batches_and_weights(
     torch.manual_seed(0)
     straight: list[list[int]] = []
     _recording(monkeypatch, straight)
-    result = loop.train(_cfg(corpus, tmp_path / "a"))
+    augment = {"noise_prob": 1.0}  # waveform augmentation must replay too
+    result = loop.train(_cfg(corpus, tmp_path / "a", augment=augment))
     assert result.steps == 6 and len(straight) == 12  # 2 micro-batches per step
     assert result.epochs_done > 1  # the run crossed an epoch boundary
     # Interrupt a second run in step 4 (micro-batch 7), after the step-3 checkpoint.
     first: list[list[int]] = []
     _recording(monkeypatch, first, stop_after=7)
     with pytest.raises(_Interrupt):
-        loop.train(_cfg(corpus, tmp_path / "b"))
+        loop.train(_cfg(corpus, tmp_path / "b", augment=augment))
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-00000003"]
     second: list[list[int]] = []
     _recording(monkeypatch, second)
-    resumed = loop.train(_cfg(corpus, tmp_path / "b", resume=True))
+    resumed = loop.train(_cfg(corpus, tmp_path / "b", augment=augment, resume=True))
     assert first[:6] + second == straight
     # Same batches, optimizer state and RNG: the same weights, bit for bit.
     a, _, _ = load_checkpoint(result.last_checkpoint)
@@ -249,7 +250,7 @@ def test_resume_replays_the_same_batches_and_weights(
     assert starts[-1]["resumed_from"].endswith("step-00000003")
     assert [e["step"] for e in events if e["event"] == "train"][-3:] == [4, 5, 6]
     with pytest.raises(ValueError, match="changed"):
-        loop.train(_cfg(corpus, tmp_path / "b", resume=True, lr=0.5))
+        loop.train(_cfg(corpus, tmp_path / "b", augment=augment, resume=True, lr=0.5))
 
 
 def test_frozen_encoder_outputs_are_cached_once(
@@ -270,10 +271,11 @@ def test_frozen_encoder_outputs_are_cached_once(
 
     monkeypatch.setattr(type(frozen.encoder), "forward", counting)
     run = _cfg(corpus, tmp_path / "run", preset=None, init=str(init), tokenizer=None,
-               max_steps=4, save_every=100)  # fmt: skip
+               max_steps=4, save_every=100, augment={}, cache_copies=2)  # fmt: skip
     result = loop.train(run)
     encoder_calls = len(calls)
-    assert 1 <= encoder_calls <= 8  # the cache build only; training never runs the encoder
+    # The cache build only (8 clean + 8 augmented copies); training never runs the encoder.
+    assert 1 <= encoder_calls <= 16
     shards = list((tmp_path / "run" / "encoder_cache").rglob("shard-*.safetensors"))
     assert shards
     trained, _, _ = load_checkpoint(result.last_checkpoint)
@@ -330,3 +332,26 @@ def test_cli_parses_augment_and_refuses_heads_with_init() -> None:
         parse_augment(["speed"])
     code = main(["train", "--train", "x.jsonl", "--init", "ckpt", "--heads", "2", "--out", "o"])
     assert code == 1
+
+
+def test_dataset_augmentation_is_a_function_of_seed_epoch_and_index(
+    corpus: tuple[Path, Path],
+) -> None:
+    from speechllama.data.augment import AugmentConfig, Augmenter
+    from speechllama.train.data import SpeechDataset, collate
+
+    utts = load_manifest(corpus[0])
+    tok = Tokenizer.load(corpus[1])
+    aug = Augmenter(AugmentConfig(noise_prob=1.0, speed_prob=0.0), seed=0)
+    a, b = (SpeechDataset(utts, tok, augment=aug, seed=3) for _ in range(2))
+    clean = SpeechDataset(utts, tok)
+    assert torch.equal(a[2]["inputs"], b[2]["inputs"])
+    assert not torch.equal(a[2]["inputs"], clean[2]["inputs"])
+    b.set_epoch(1)
+    assert not torch.equal(a[2]["inputs"], b[2]["inputs"])
+    batch = collate([clean[0], clean[3]])
+    y0 = tok.encode("red cat")
+    assert batch.tokens[0, : len(y0) + 1].tolist() == [1, *y0]
+    assert batch.labels[0, : len(y0) + 1].tolist() == [*y0, 2]
+    assert batch.label_lens[0] == len(y0) + 1 and batch.ctc_lens[0] == len(y0)
+    assert batch.inputs.shape[0] == 2 and batch.input_lens.max() == batch.inputs.shape[1]

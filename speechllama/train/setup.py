@@ -73,8 +73,7 @@ def wave_augmenter(spec: dict[str, Any] | None, seed: int) -> WaveAugment | None
         return None
     from speechllama.data.augment import AugmentConfig, Augmenter
 
-    augmenter = Augmenter(AugmentConfig(**spec), seed)
-    return lambda wave, rng: augmenter(wave, rng)
+    return Augmenter(AugmentConfig.from_dict(spec), seed)  # called as (wave, rng) -> wave
 
 
 def prepare_data(
