@@ -217,7 +217,7 @@ def test_voice_sets() -> None:
     assert Voice("flite", "slt") in ALL_VOICES
     assert resolve_voices("heldout") == HELDOUT_VOICES
     espeak = resolve_voices("espeak-ng")
-    assert len(espeak) == len(ESPEAK_ACCENTS) * 92
+    assert len(espeak) == len(ESPEAK_ACCENTS) * (1 + 92)
     assert resolve_voices("flite/awb,hibari") == (
         Voice("flite", "awb"),
         Voice("hibari", "heart"),
@@ -250,7 +250,10 @@ def test_cli_reports_failed_sentences_and_keeps_the_rest(
     text = _write(tmp_path, ["good morning everyone", "...", "good night"])
     out = tmp_path / "out"
     args = parser.parse_args(
-        ["--text", str(text), "--out", str(out), "--voices", "espeak-ng/en-us+m1", "--no-progress"]
+        [
+            *("--text", str(text), "--out", str(out), "--voices", "espeak-ng/en-us+m1"),
+            *("--in-order", "--no-progress"),
+        ]
     )
     assert synth_main(args) == 1
     err = capsys.readouterr().err
@@ -258,3 +261,19 @@ def test_cli_reports_failed_sentences_and_keeps_the_rest(
     assert [r["text"] for r in _rows(out)] == ["good morning everyone", "good night"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--text", "t", "--out", "o", "--engine-weights", "flite"])
+
+
+def test_sentences_are_shuffled_by_seed_unless_in_order(tmp_path: Path) -> None:
+    lines = [f"line {word}" for word in ("one", "two", "three", "four", "five", "six")]
+    text = _write(tmp_path, lines)
+    orders = {}
+    for name, seed, in_order in (("a", 0, False), ("b", 1, False), ("c", 0, True)):
+        out = tmp_path / name
+        opts = SynthOptions(
+            text=text, out=out, voices="espeak-ng/en-us", seed=seed, in_order=in_order, limit=5
+        )
+        run_synth(opts)
+        orders[name] = [r["text"] for r in _rows(out)]
+    assert orders["c"] == lines[:5]  # --limit takes the first lines of the file
+    assert sorted(orders["a"]) == sorted(orders["b"]) == sorted(lines[:5])
+    assert orders["a"] != orders["b"] and orders["a"] != orders["c"]

@@ -13,9 +13,12 @@ Why it is built the way it is:
   exactly the one this run would make and is reused; a changed seed or text makes a new name.
   Each FLAC is written to a temporary name and renamed, so a killed run never leaves a
   half-written file under a final name, and the manifest is written last, from what exists.
-- ``--hours``: sentences are taken in file order until the durations, summed in that order,
+- Order: sentences are read in a random order fixed by the seed (``--in-order`` keeps the
+  file's), because sentence lists come in corpus order and a small ``--hours`` would otherwise
+  hear only the first corpus.
+- ``--hours``: sentences are taken in that order until the durations, summed in that order,
   reach the target, so the cut is the same whatever the parallel timing was; files made past
-  the cut are deleted. Sentences are not shuffled here (``prepare-text`` already ranks them).
+  the cut are deleted.
 - Files in ``audio/`` that the final manifest does not list (an earlier seed, text or cut) are
   deleted, so the folder holds exactly the manifest's audio.
 
@@ -82,6 +85,7 @@ class SynthOptions:
     engine_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ENGINE_WEIGHTS))
     jobs: int = max(1, os.cpu_count() or 1)
     limit: int | None = None
+    in_order: bool = False
     id_prefix: str | None = None
     progress: bool = True
 
@@ -192,6 +196,9 @@ def run_synth(opts: SynthOptions) -> SynthResult:
     sentences = read_sentences(opts.text)[: opts.limit]
     if not sentences:
         raise ValueError(f"{opts.text}: no sentences")
+    if not opts.in_order:
+        order = np.random.default_rng(opts.seed).permutation(len(sentences))
+        sentences = [sentences[i] for i in order]
     voices = resolve_voices(opts.voices)
     opts.out.mkdir(parents=True, exist_ok=True)
     planned: list[Job] = []
@@ -322,7 +329,12 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
         default=max(1, os.cpu_count() or 1),
         help="worker processes (default: all cores; never next to training on a 2-core machine)",
     )
-    parser.add_argument("--limit", type=int, help="use at most this many sentences")
+    parser.add_argument("--limit", type=int, help="use only the first N sentences of the file")
+    parser.add_argument(
+        "--in-order",
+        action="store_true",
+        help="read sentences in file order (default: an order shuffled by --seed)",
+    )
     parser.add_argument("--id-prefix", help="utterance id prefix (default: the output folder name)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -342,6 +354,7 @@ def synth_main(args: argparse.Namespace) -> int:
         engine_weights=args.engine_weights,
         jobs=args.jobs,
         limit=args.limit,
+        in_order=args.in_order,
         id_prefix=args.id_prefix,
         progress=args.progress,
     )

@@ -4,9 +4,9 @@ The recogniser's hardest problem is voice mismatch (DESIGN.md, "Measured facts")
 audio is spread over every engine and variant that works here, and two voices that training never
 hears are kept apart to measure how far that transfers:
 
-- training: espeak-ng (8 English accents x 92 variants), flite (kal16, awb, rms), festival
-  (kal_diphone, ked_diphone) and the neural ``hibari-tts`` voice read with its US and its British
-  spelling-to-sound rules; each utterance also gets a speed and a pitch factor.
+- training: espeak-ng (8 English accents x (default + 92 variants)), flite (kal16, awb, rms),
+  festival (kal_diphone, ked_diphone) and the neural ``hibari-tts`` voice read with its US and
+  its British spelling-to-sound rules; each utterance also gets a speed and a pitch factor.
 - held out: festival ``cmu_us_slt_arctic_hts`` and the neural Piper voice ``en_US-joe-medium``.
   flite's ``slt`` is the same CMU ARCTIC speaker as the held-out HTS voice, so it is listed but kept
   out of the training set: training on it would make the held-out score look better than the voice
@@ -110,6 +110,7 @@ _FLITE_F0 = {"kal16": 95.0, "awb": 123.0, "rms": None, "slt": 167.0}
 _FESTIVAL_F0 = {"kal_diphone": (105.0, 14.0), "ked_diphone": (105.0, 15.0)}
 
 TRAIN_VOICES: tuple[Voice, ...] = (
+    *(Voice("espeak-ng", a) for a in ESPEAK_ACCENTS),  # each accent's own default voice
     *(Voice("espeak-ng", f"{a}+{v}") for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS),
     *(Voice("flite", name) for name in ("kal16", "awb", "rms")),
     *(Voice("festival", name) for name in _FESTIVAL_F0),
