@@ -25,6 +25,7 @@ _LIMITS = {
     "n_mels": 512,
     "stack": 64,
     "num_heads_mtp": 64,
+    "medusa_blocks": 16,
 }
 
 
@@ -86,13 +87,16 @@ class HeadsConfig:
     """Multi-token prediction heads on the decoder's last hidden state.
 
     ``num_heads`` = K; K = 1 is the ordinary next-token model. ``kind`` picks the architecture
-    (``linear`` is the plain output layer and only valid for K = 1). ``loss_weights`` has one
-    weight per head (empty: all 1.0).
+    (``linear`` is the plain output layer and only valid for K = 1; ``projection``, ``latent``,
+    ``medusa``, ``layer``: see :mod:`speechllama.model.heads`). ``loss_weights`` has one
+    weight per head (empty: all 1.0). ``medusa_blocks``: residual SiLU blocks per ``medusa``
+    head (ignored by the other kinds).
     """
 
     kind: str = "linear"
     num_heads: int = 1
     loss_weights: tuple[float, ...] = ()
+    medusa_blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class ModelConfig:
             "encoder.n_mels": (e.n_mels, _LIMITS["n_mels"]),
             "adapter.stack": (self.adapter.stack, _LIMITS["stack"]),
             "heads.num_heads": (self.heads.num_heads, _LIMITS["num_heads_mtp"]),
+            "heads.medusa_blocks": (self.heads.medusa_blocks, _LIMITS["medusa_blocks"]),
         }
         for name, (value, limit) in checks.items():
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:

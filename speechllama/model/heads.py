@@ -5,30 +5,114 @@ token k + 1 places after position t (k = 0 is the ordinary next-token head). Str
 that tensor (through ``SpeechLLaMA.step``), so a head kind is added by registering a builder
 here and nothing else changes.
 
-Kinds are registered by name in ``HEADS``; :func:`build_heads` picks one by
-``HeadsConfig.kind``. Implemented: ``linear`` (K = 1). Planned: ``projection``, ``latent``,
-``medusa``, ``layer``.
+Kinds (registered by name in ``HEADS``; :func:`build_heads` picks one by ``HeadsConfig.kind``):
+
+- ``linear``: the plain output layer, K = 1 (this module).
+- ``projection``: K independent d x V output matrices; adds (K-1)·d·V (:mod:`.heads_projection`).
+- ``latent``: K d x d maps through the one shared un-embedding; adds K·d² (:mod:`.heads_latent`).
+- ``medusa``: residual SiLU blocks through the shared un-embedding (:mod:`.heads_medusa`).
+- ``layer``: one transformer block per extra head, with its own KV cache (:mod:`.heads_layer`).
+
+Every kind keeps head 1's (or the shared) un-embedding as ``proj`` (tied to the token embedding
+when configured), so a next-token checkpoint converts into any kind (:func:`expand_heads`), and
+every kind starts with all K heads equal to head 1: a fresh multi-token model predicts the next
+token from every head, and training moves head k towards token t + k from there.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from speechllama.model.config import ModelConfig
+from speechllama.model.config import HeadsConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from speechllama.model.decoder import KVCache
+    from speechllama.model.speechllama import SpeechLLaMA
 
 
 class OutputHeads(nn.Module):
-    """Base class. ``num_heads`` = K; ``forward(hidden (B, T, d)) -> logits (B, T, K, V)``."""
+    """Base class: ``forward(hidden (B, T, d), num_heads=None) -> logits (B, T, n, V)``.
 
-    num_heads: int
+    ``proj`` is head 1's output layer (V x d), shared by the kinds that un-embed a latent.
+    ``cache_layers`` counts the KV-cache layers the heads keep beyond the decoder's own (only
+    ``layer`` heads attend over past positions). Position-wise kinds implement :meth:`logits`;
+    they ignore the cache arguments of :meth:`forward`.
+    """
+
+    cache_layers: int = 0
+
+    def __init__(
+        self, d_model: int, vocab_size: int, num_heads: int, tie_to: nn.Embedding | None
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.tied = tie_to is not None
+        self.proj = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_to is not None:
+            self.proj.weight = tie_to.weight
+        else:
+            nn.init.normal_(self.proj.weight, std=0.02)
+
+    def active(self, num_heads: int | None) -> int:
+        """The number of heads to compute: ``num_heads`` (1..K), or all K when None. Decoding
+        with fewer heads than trained skips the others' work entirely."""
+        if num_heads is None:
+            return self.num_heads
+        if not 1 <= num_heads <= self.num_heads:
+            raise ValueError(f"num_heads={num_heads}, but the model has {self.num_heads} heads")
+        return num_heads
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        num_heads: int | None = None,
+        select: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden (B, T, d) -> logits (B, T, n, V), n = ``num_heads`` or K.
+
+        ``select`` (B, U) long: return logits only at these positions -> (B, U, n, V); heads that
+        attend over the sequence need all of ``hidden`` first, the others gather at once. The
+        cache arguments are those of ``LlamaDecoder.forward_cached`` for the same call."""
+        n = self.active(num_heads)
+        if select is not None:
+            hidden = gather_positions(hidden, select)
+        return self.logits(hidden, n)
+
+    def logits(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
+        """hidden (B, T, d) -> logits (B, T, n, V) of the first n heads, position by position."""
+        raise NotImplementedError
 
     def load_unembedding(self, weight: torch.Tensor) -> None:
-        """Start from a pretrained LM's output matrix (V, d), e.g. when the decoder comes from a
-        Hugging Face LLaMA with untied embeddings. Tied heads already share the embedding."""
-        raise NotImplementedError(f"{type(self).__name__} cannot start from an unembedding")
+        """Start from a pretrained LM's output matrix (V, d): head 1 becomes it (and the heads
+        derived from head 1 restart from it). Tied heads share the embedding, so copying the
+        embedding into them is a no-op."""
+        with torch.no_grad():
+            if weight.data_ptr() != self.proj.weight.data_ptr():
+                self.proj.weight.copy_(weight)
+
+    def added_parameters(self) -> int:
+        """Parameters beyond the next-token output layer (``proj``, counted once if tied)."""
+        return sum(p.numel() for p in self.parameters() if p is not self.proj.weight)
+
+
+def tie_target(cfg: ModelConfig, embedding: nn.Embedding) -> nn.Embedding | None:
+    """The embedding the output layer shares, or None when ``cfg`` unties them."""
+    return embedding if cfg.decoder.tie_embeddings else None
+
+
+def gather_positions(x: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) at positions select (B, U) -> (B, U, ...)."""
+    index = select.reshape(*select.shape, *([1] * (x.dim() - 2)))
+    return x.gather(1, index.expand(*select.shape, *x.shape[2:]))
 
 
 HeadBuilder = Callable[[ModelConfig, nn.Embedding], OutputHeads]
@@ -52,22 +136,11 @@ class LinearHead(OutputHeads):
     trained once; checkpoint writers must handle the shared storage)."""
 
     def __init__(self, d_model: int, vocab_size: int, tie_to: nn.Embedding | None) -> None:
-        super().__init__()
-        self.num_heads = 1
-        self.tied = tie_to is not None
-        self.proj = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_to is not None:
-            self.proj.weight = tie_to.weight
-        else:
-            nn.init.normal_(self.proj.weight, std=0.02)
+        super().__init__(d_model, vocab_size, 1, tie_to)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
         """hidden (B, T, d) -> logits (B, T, 1, V)."""
         return self.proj(hidden).unsqueeze(2)
-
-    def load_unembedding(self, weight: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.proj.weight.copy_(weight)
 
 
 @register("linear")
@@ -78,7 +151,7 @@ def _linear(cfg: ModelConfig, embedding: nn.Embedding) -> OutputHeads:
             " needs a multi-token kind"
         )
     d = cfg.decoder
-    return LinearHead(d.d_model, d.vocab_size, embedding if d.tie_embeddings else None)
+    return LinearHead(d.d_model, d.vocab_size, tie_target(cfg, embedding))
 
 
 def build_heads(cfg: ModelConfig, embedding: nn.Embedding) -> OutputHeads:
@@ -91,3 +164,48 @@ def build_heads(cfg: ModelConfig, embedding: nn.Embedding) -> OutputHeads:
             f"unknown heads.kind {cfg.heads.kind!r}; available: {', '.join(sorted(HEADS))}"
         ) from None
     return builder(cfg, embedding)
+
+
+def heads_parameter_report(cfg: ModelConfig, num_heads: int | None = None) -> dict[str, int]:
+    """``{kind: parameters it adds}`` over the next-token output layer, for every registered
+    kind that can have ``num_heads`` (default: ``cfg``'s K) heads on ``cfg``'s decoder.
+
+    Built on the meta device, so it costs no memory whatever the vocabulary."""
+    k = cfg.heads.num_heads if num_heads is None else num_heads
+    report: dict[str, int] = {}
+    with torch.device("meta"):
+        embedding = nn.Embedding(cfg.decoder.vocab_size, cfg.decoder.d_model)
+        for kind in sorted(HEADS):
+            if kind == "linear" and k != 1:
+                continue
+            heads_cfg = HeadsConfig(kind=kind, num_heads=k, medusa_blocks=cfg.heads.medusa_blocks)
+            report[kind] = build_heads(cfg.replace(heads=heads_cfg), embedding).added_parameters()
+    return report
+
+
+def expand_heads(model: SpeechLLaMA, heads_cfg: HeadsConfig) -> SpeechLLaMA:
+    """A copy of next-token ``model`` (kind ``linear``) with new heads ``heads_cfg``: encoder,
+    adapter, decoder and CTC head are copied; head 1 / the shared un-embedding starts from the
+    old output layer, so head 1's logits equal the old model's, and the other heads start as
+    copies of head 1. For fine-tuning an existing checkpoint into a multi-token model."""
+    old = model.config
+    if old.heads.kind != "linear":
+        raise ValueError(
+            f"expand_heads starts from a next-token model (heads.kind='linear'), "
+            f"not {old.heads.kind!r}"
+        )
+    cfg = old.replace(heads=heads_cfg)
+    cfg.validate()
+    new = copy.deepcopy(model)  # keeps the tied embedding tied inside the copy
+    new.config = cfg
+    weight = new.heads.proj.weight
+    heads = build_heads(cfg, new.decoder.embed)
+    heads.load_unembedding(weight.detach())
+    new.heads = heads.to(device=weight.device, dtype=weight.dtype)
+    new.heads.train(model.training)
+    new.decoder_calls = 0
+    return new
+
+
+# The kinds register themselves on import; they need the names above, so they come last.
+from speechllama.model import heads_latent, heads_layer, heads_medusa, heads_projection  # noqa: E402, F401

@@ -83,7 +83,8 @@ class SpeechLLaMA(nn.Module):
         right-padded, token_lens (B,). Returns logits (B, U, K, V) for the text positions only:
         logits[:, u, k] predicts token u + k + 1 of [BOS] y EOS (head k, 0-based). With
         ``return_hidden`` also the decoder's final hidden states at those positions (B, U, d),
-        which is what heads-only training caches. Padded text positions hold garbage."""
+        which is what heads-only training caches (enough for every kind but ``layer``, whose
+        heads attend over all positions). Padded text positions hold garbage."""
         B, _, d = audio.shape
         U = tokens.shape[1]
         audio_lens, token_lens = audio_lens.to(audio.device), token_lens.to(audio.device)
@@ -95,10 +96,12 @@ class SpeechLLaMA(nn.Module):
         x = x.scatter(1, text_at[..., None].expand(B, U, d), text)[:, :total]
         hidden = self.decoder.forward_train(x)
         # Padded text positions may lie past ``total``; clamp, their outputs are never used.
-        at = text_at.clamp(max=total - 1)[..., None].expand(B, U, hidden.shape[-1])
-        hidden = hidden.gather(1, at)
-        logits = self.heads(hidden)
-        return (logits, hidden) if return_hidden else logits
+        at = text_at.clamp(max=total - 1)
+        # The heads get every position: ``layer`` heads attend over the audio too.
+        logits = self.heads(hidden, select=at)
+        if not return_hidden:
+            return logits
+        return logits, hidden.gather(1, at[..., None].expand(B, U, hidden.shape[-1]))
 
     # --- incremental decoding -----------------------------------------------------------------
 
@@ -108,17 +111,27 @@ class SpeechLLaMA(nn.Module):
         device = self.decoder.embed.weight.device
         if dtype is None and torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        return self.decoder.new_cache(batch_size, max_len, dtype=dtype, device=device)
+        cache = self.decoder.new_cache(batch_size, max_len, dtype=dtype, device=device)
+        extra = self.heads.cache_layers  # ``layer`` heads keep their keys/values as extra
+        if extra:  # layers, so that truncate/reorder/copy_slots move them with the trunk's
+            _, B, G, _, D = cache.k.shape
+            cache = KVCache(cache.k.shape[0] + extra, B, G, max_len, D, cache.k.dtype, device)
+        return cache
 
     @torch.no_grad()
     def prefill(
-        self, audio: torch.Tensor, audio_lens: torch.Tensor, cache: KVCache
+        self,
+        audio: torch.Tensor,
+        audio_lens: torch.Tensor,
+        cache: KVCache,
+        num_heads: int | None = None,
     ) -> torch.Tensor:
         """Write [audio][BOS] of every sequence into ``cache`` (per-sequence lengths S_i + 1).
 
         audio (B, S, d_dec), audio_lens (B,). Sequence i's BOS sits at position S_i; the slots
-        after it hold padding that the new lengths make invisible. Returns logits (B, 1, K, V)
-        at each sequence's BOS position. Counts one decoder call."""
+        after it hold padding that the new lengths make invisible. Returns logits (B, 1, n, V)
+        at each sequence's BOS position, n = ``num_heads`` or all K (decode with fewer heads than
+        trained; keep n the same for every step of this cache). Counts one decoder call."""
         B, _, d = audio.shape
         _check_batch(B, cache)
         audio_lens = audio_lens.to(device=audio.device, dtype=torch.long)
@@ -131,18 +144,24 @@ class SpeechLLaMA(nn.Module):
         cache.reset()
         slots = torch.arange(width, device=audio.device).expand(B, width)
         hidden = self.decoder.forward_cached(x, cache, slots)
+        logits = self.heads(hidden, num_heads, select=audio_lens[:, None], cache=cache, slots=slots)
         cache.lengths = audio_lens + 1
         self.decoder_calls += 1
-        return self.heads(hidden.gather(1, bos_at))
+        return logits
 
     @torch.no_grad()
     def step(
-        self, tokens: torch.Tensor, cache: KVCache, tree_mask: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        tree_mask: torch.Tensor | None = None,
+        num_heads: int | None = None,
     ) -> torch.Tensor:
         """One decoder call over k new tokens per sequence.
 
         tokens (B, k) are written at cache positions lengths[b] .. lengths[b] + k - 1 and the
-        cache lengths advance by k; logits (B, k, K, V). Roll back with ``cache.truncate``.
+        cache lengths advance by k; logits (B, k, n, V), n = ``num_heads`` or all K. Roll back
+        with ``cache.truncate``.
         ``tree_mask`` (B, k, k) or (k, k) bool, row j = the new tokens token j sees (itself and
         its ancestors): token j then gets rope position lengths + depth_j, where depth_j =
         (row sum - 1), while its slot stays lengths + j; see ``KVCache.copy_slots`` to
@@ -156,9 +175,10 @@ class SpeechLLaMA(nn.Module):
             positions = cache.lengths[:, None] + tree_mask.sum(-1) - 1
         x = self.decoder.embed(tokens)
         hidden = self.decoder.forward_cached(x, cache, slots, positions, tree_mask)
+        logits = self.heads(hidden, num_heads, None, cache, slots, positions, tree_mask)
         cache.lengths = cache.lengths + k
         self.decoder_calls += 1
-        return self.heads(hidden)
+        return logits
 
     # --- pretrained decoders, bookkeeping -----------------------------------------------------
 
@@ -176,8 +196,8 @@ class SpeechLLaMA(nn.Module):
             )
         lm_head = state.pop("lm_head.weight", None)
         self.decoder.load_state_dict(state, strict=True)
-        if lm_head is not None:
-            self.heads.load_unembedding(lm_head)
+        # Tied: head 1 is the embedding already, but heads derived from it restart from it too.
+        self.heads.load_unembedding(self.decoder.embed.weight if lm_head is None else lm_head)
 
     def num_parameters(self) -> dict[str, dict[str, int]]:
         """``{part: {"trainable": n, "frozen": n}}`` for encoder, adapter, decoder, heads and
