@@ -270,6 +270,16 @@ def test_rollback_and_tree_mask_move_the_head_caches(scrambled: SpeechLLaMA, bat
             ref = scrambled(audio[b : b + 1, :s], audio_lens[b : b + 1], tokens,
                             torch.tensor([3 + kept]))  # fmt: skip
         torch.testing.assert_close(out[b], ref[0, 1 + kept :], **TOL)
+    # Beam reorder moves the heads' cache layers with the trunk's.
+    scrambled.prefill(audio, audio_lens, cache)
+    scrambled.step(proposed[:, :2], cache)
+    cache.reorder(torch.tensor([2, 2, 0]))  # rows: old 2, old 2, old 0
+    moved = scrambled.step(accepted[[0, 0, 1]], cache)
+    torch.testing.assert_close(moved[0], moved[1], **TOL)
+    scrambled.prefill(audio, audio_lens, cache)
+    scrambled.step(proposed[:, :2], cache)
+    ref = scrambled.step(accepted[[1, 1, 0]], cache)
+    torch.testing.assert_close(moved[[0, 2]], ref[[2, 0]], **TOL)
     # Two branches in one call, [a, b] and [a, c]: c sees a but not b, so its logits equal
     # those of the plain sequence [a, c].
     a_b_c, tree = _ids(3, 3, seed=13), torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]]).bool()
