@@ -102,9 +102,6 @@ def time_preset(name: str, args: argparse.Namespace) -> None:
 
         return run
 
-    calls = interleaved({"one": call(1), "four": call(4)}, args.repeats * 10)
-    ratios = [f / o for f, o in zip(calls["four"], calls["one"], strict=True)]
-
     # A whole utterance as transcribe() runs it: encoder, then a greedy decode of n_tokens.
     options = DecodingOptions(max_tokens_per_second=args.tokens_per_second, max_tokens_min=0)
     strategy = get_strategy(options)
@@ -116,10 +113,12 @@ def time_preset(name: str, args: argparse.Namespace) -> None:
 
     scratch = model.new_cache(1, int(audio_lens[0]) + 1)
     whole = interleaved(
-        {"encoder": encode, "prefill": lambda: model.prefill(audio, audio_lens, scratch),
-         "greedy": greedy},
+        {"one": call(1), "four": call(4), "encoder": encode, "greedy": greedy,
+         "prefill": lambda: model.prefill(audio, audio_lens, scratch)},
         args.repeats,
     )  # fmt: skip
+    calls = whole
+    ratios = [f / o for f, o in zip(calls["four"], calls["one"], strict=True)]
     result = out[0]
     params = sum(p.numel() for p in model.decoder.parameters())
     enc = [t / 1000 / args.seconds for t in whole["encoder"]]
@@ -149,7 +148,7 @@ def main() -> None:
     p.add_argument("--tokens-per-second", type=float, default=4.0,
                    help="greedy transcript length per audio second")  # fmt: skip
     p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=30, help="interleaved rounds")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1")
