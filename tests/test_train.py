@@ -330,8 +330,38 @@ def test_cli_parses_augment_and_refuses_heads_with_init() -> None:
     }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_augment(["speed"])
-    code = main(["train", "--train", "x.jsonl", "--init", "ckpt", "--heads", "2", "--out", "o"])
-    assert code == 1
+
+
+def test_init_expands_heads_and_freeze_trains_only_the_heads(
+    corpus: tuple[Path, Path], tmp_path: Path
+) -> None:
+    tokenizer = Tokenizer.load(corpus[1])
+    torch.manual_seed(0)
+    base = SpeechLLaMA(preset("tiny", tokenizer.vocab_size).replace(
+        decoder=dataclasses.replace(preset("tiny", 1).decoder, vocab_size=tokenizer.vocab_size,
+                                    tie_embeddings=False)))  # fmt: skip
+    init = save_checkpoint(base, tokenizer, tmp_path / "init")
+    code = main([
+        "train", "--train", str(corpus[0]), "--init", str(init), "--out", str(tmp_path / "o"),
+        "--heads", "3", "--head-kind", "latent", "--head-loss-weights", "1", "0.5", "0.25",
+        "--freeze", "encoder", "adapter", "decoder", "--max-steps", "2", "--max-duration", "3",
+        "--warmup", "1", "--lr", "1e-2", "--threads", "1", "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    trained, _, doc = load_checkpoint(tmp_path / "o" / "step-00000002")
+    heads = trained.config.heads
+    assert (heads.kind, heads.num_heads, heads.loss_weights) == ("latent", 3, (1.0, 0.5, 0.25))
+    assert doc["training"]["train_config"]["freeze"] == ["encoder", "adapter", "decoder"]
+    old = base.state_dict()
+    new = trained.state_dict()
+    for name in old:
+        if name.split(".")[0] in ("encoder", "adapter", "decoder"):
+            assert torch.equal(old[name], new[name]), name
+    # The heads trained: the latent maps left their identity start, the shared output layer
+    # (seeded from the base model's) moved.
+    d = base.config.decoder.d_model
+    assert not torch.equal(new["heads.maps"], torch.eye(d).repeat(3, 1))
+    assert not torch.equal(new["heads.proj.weight"], old["heads.proj.weight"])
 
 
 def test_dataset_augmentation_is_a_function_of_seed_epoch_and_index(

@@ -48,10 +48,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start = model.add_mutually_exclusive_group(required=True)
     start.add_argument("--preset", choices=PRESETS, help="train this preset from scratch")
     start.add_argument("--init", metavar="CKPT", help="fine-tune this checkpoint directory")
-    model.add_argument("--heads", type=int, metavar="K", help="multi-token heads (preset only)")
-    model.add_argument("--head-kind", metavar="KIND", help="head architecture (preset only)")
+    model.add_argument(
+        "--heads",
+        type=int,
+        metavar="K",
+        help="multi-token heads; with --init, a next-token model's output layer seeds them",
+    )
+    model.add_argument(
+        "--head-kind", metavar="KIND", help="linear | projection | latent | medusa | layer"
+    )
     model.add_argument(
         "--head-loss-weights", type=float, nargs="+", metavar="W", help="one weight per head"
+    )
+    model.add_argument(
+        "--freeze",
+        nargs="+",
+        default=[],
+        choices=("encoder", "adapter", "decoder", "ctc_head"),
+        help="parts not to train (e.g. --freeze encoder adapter decoder: heads only)",
     )
 
     opt = p.add_argument_group("optimisation")
@@ -149,8 +163,6 @@ def _run(args: argparse.Namespace) -> int:
     from speechllama.train.config import TrainConfig
     from speechllama.train.loop import train
 
-    if args.init and (args.heads or args.head_kind or args.head_loss_weights):
-        raise ValueError("--heads/--head-kind/--head-loss-weights apply to a --preset only")
     cfg = TrainConfig(
         train_manifest=args.train,
         dev_manifest=args.dev,
@@ -163,6 +175,7 @@ def _run(args: argparse.Namespace) -> int:
         num_heads=args.heads,
         head_kind=args.head_kind,
         head_loss_weights=tuple(args.head_loss_weights) if args.head_loss_weights else None,
+        freeze=tuple(args.freeze),
         seed=args.seed,
         max_steps=args.max_steps,
         epochs=args.epochs,

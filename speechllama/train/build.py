@@ -50,7 +50,9 @@ def build_model(
 
     ``preset_name``: a fresh model sized to ``tokenizer``; a sourced encoder gets its pretrained
     weights. ``init``: the checkpoint's model and tokenizer (fine-tuning). ``ctc`` adds the
-    CTC head to a preset. ``heads`` overrides ``HeadsConfig`` fields of a preset."""
+    CTC head to a preset. ``heads`` overrides ``HeadsConfig`` fields: of a preset, or of an
+    ``init`` next-token model, whose output layer then seeds the new heads (``expand_heads``:
+    head 1 starts equal to the old model, as the paper's "heads from a trained model")."""
     from speechllama.model.config import HeadsConfig
     from speechllama.model.speechllama import SpeechLLaMA
 
@@ -58,6 +60,12 @@ def build_model(
         model, tok, _ = load_checkpoint(init)
         if tokenizer is not None and tokenizer.model_proto != tok.model_proto:
             raise ValueError(f"{init}: --tokenizer differs from the checkpoint's tokenizer")
+        if heads:
+            from speechllama.model.heads import expand_heads
+
+            new = HeadsConfig(**{**model.config.heads.__dict__, **heads})
+            if new != model.config.heads:
+                model = expand_heads(model, new)
         return model.train(), tok
     if tokenizer is None or preset_name is None:
         raise ValueError("a preset needs a tokenizer")

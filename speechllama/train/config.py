@@ -24,7 +24,9 @@ class TrainConfig:
 
     ``tokenizer``: a SentencePiece file; without it one of ``vocab_size`` pieces is trained on
     the ``text`` files (or on the training transcripts). ``num_heads``/``head_kind``/
-    ``head_loss_weights`` override the preset's multi-token heads (None: keep the preset's).
+    ``head_loss_weights`` override the model's multi-token heads (None: keep them). ``freeze``
+    names parts (encoder, adapter, decoder, ctc_head) that get no gradient; a frozen encoder's
+    outputs are cached like a pretrained one's.
     ``max_duration`` is the audio seconds per micro-batch; an optimizer step sees
     ``grad_accum`` micro-batches. ``total_steps`` (the schedule's length) is ``max_steps`` when
     given, else ``epochs`` passes over the data. ``ctc_weight`` None means 0.3 when the model
@@ -43,6 +45,7 @@ class TrainConfig:
     num_heads: int | None = None
     head_kind: str | None = None
     head_loss_weights: tuple[float, ...] | None = None
+    freeze: tuple[str, ...] = ()
     seed: int = 0
     max_steps: int | None = None
     epochs: int = 10
@@ -114,7 +117,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown train config keys: {sorted(unknown)}")
         values = dict(data)
-        for key in ("betas", "text", "head_loss_weights"):
+        for key in ("betas", "text", "head_loss_weights", "freeze"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         return cls(**values)

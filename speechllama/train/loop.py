@@ -108,6 +108,7 @@ class Trainer:
             raise ValueError("--ctc-weight needs a model with a CTC head (this one has none)")
         self.head_weights = tuple(mcfg.heads.loss_weights)
         model.to(self.device).train()
+        self._freeze(cfg.freeze)
 
         self.data = prepare_data(cfg, model, tokenizer, self.device, out)
         self.sampler = DurationBucketSampler(
@@ -153,6 +154,21 @@ class Trainer:
                 setattr(self, key, state[key])
             self.best = state.get("best") or {}
         self.log = MetricsLog(out / "metrics.jsonl")
+
+    def _freeze(self, parts: tuple[str, ...]) -> None:
+        """No gradients for ``parts``, and eval mode (no dropout) for them from now on."""
+        for part in parts:
+            module = getattr(self.model, part, None)
+            if module is None:
+                raise ValueError(f"--freeze {part}: this model has no {part}")
+            if hasattr(module, "freeze"):
+                module.freeze()  # an encoder pins its own eval mode
+            module.requires_grad_(False)
+        self._pin_frozen()
+
+    def _pin_frozen(self) -> None:
+        for part in self.cfg.freeze:
+            getattr(self.model, part).eval()
 
     def _fresh_model(self) -> tuple[torch.nn.Module, Any]:
         cfg = self.cfg
@@ -201,6 +217,7 @@ class Trainer:
                     self._log_train(rate)
                 if data.dev_batches and (self.step % cfg.eval_every == 0 or final):
                     last_dev = self._evaluate()
+                    self._pin_frozen()  # evaluation put the whole model back in train mode
                     bar.write(
                         f"step {self.step}: dev loss {last_dev['dev_loss']:.3f} "
                         f"WER {100 * last_dev['dev_wer']:.1f}%"

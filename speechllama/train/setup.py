@@ -91,7 +91,8 @@ def prepare_data(
     kind, n_mels = mcfg.encoder.features, mcfg.encoder.n_mels
 
     cache = None
-    if mcfg.encoder.frozen and cfg.cache:
+    frozen = not any(p.requires_grad for p in model.encoder.parameters())
+    if frozen and cfg.cache:
         parts = {
             "features": kind,
             "n_mels": n_mels,
