@@ -198,6 +198,7 @@ class Trainer:
             train_utterances=len(data.train),
             train_hours=sum(data.train.durations) / 3600,
             skipped=data.skipped,
+            encoder_cache=data.cache_stats,
             params=sum(p.numel() for p in self.params),
             device=str(self.device),
             ctc_weight=self.ctc_weight,

@@ -8,6 +8,7 @@ run hours in, at the batch that happens to hold them.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class RunData:
     cache: EncoderCache | None
     spec_augment: torch.nn.Module | None
     skipped: dict[str, int]
+    cache_stats: dict[str, float] | None = None
 
 
 def embeddings_for(seconds: float, cfg: ModelConfig) -> int:
@@ -91,6 +93,7 @@ def prepare_data(
     kind, n_mels = mcfg.encoder.features, mcfg.encoder.n_mels
 
     cache = None
+    cache_stats = None
     frozen = not any(p.requires_grad for p in model.encoder.parameters())
     if frozen and cfg.cache:
         parts = {
@@ -109,9 +112,11 @@ def prepare_data(
             return hidden, hidden_lens
 
         common = {"feature_kind": kind, "n_mels": n_mels, "progress": cfg.progress}
-        cache.build(train_utts, encode, augment=augment, seed=cfg.seed, **common)
+        t0 = time.perf_counter()
+        added = cache.build(train_utts, encode, augment=augment, seed=cfg.seed, **common)
         if dev_utts:
-            cache.build(dev_utts, encode, copies=1, **common)
+            added += cache.build(dev_utts, encode, copies=1, **common)
+        cache_stats = {"encoded": added, "seconds": time.perf_counter() - t0, "entries": len(cache)}
 
     train = SpeechDataset(
         train_utts,
@@ -142,6 +147,7 @@ def prepare_data(
         cache=cache,
         spec_augment=spec,
         skipped=skipped,
+        cache_stats=cache_stats,
     )
 
 
