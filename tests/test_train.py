@@ -385,3 +385,23 @@ def test_dataset_augmentation_is_a_function_of_seed_epoch_and_index(
     assert batch.labels[0, : len(y0) + 1].tolist() == [*y0, 2]
     assert batch.label_lens[0] == len(y0) + 1 and batch.ctc_lens[0] == len(y0)
     assert batch.inputs.shape[0] == 2 and batch.input_lens.max() == batch.inputs.shape[1]
+
+
+def test_utterances_that_cannot_fit_are_skipped_up_front(corpus: tuple[Path, Path]) -> None:
+    from types import SimpleNamespace
+
+    from speechllama.train.setup import embeddings_for, fitting
+
+    tok = Tokenizer.load(corpus[1])
+    tiny = preset("tiny", tok.vocab_size)
+    # fbank: 100 frames/s, conformer /4, adapter stack 2 -> 12.5 embeddings per second.
+    assert embeddings_for(10.0, tiny) == 125
+    utt = lambda d, text="red cat": SimpleNamespace(duration=d, text=text)  # noqa: E731
+    kept, skipped = fitting([utt(0.05), utt(2.0), utt(90.0), utt(2.0, "red " * 2000)], tok, tiny)
+    assert [u.duration for u in kept] == [2.0]
+    assert skipped == {"too_short": 1, "too_long": 2}
+    whisper = preset("small", tok.vocab_size)
+    kept, skipped = fitting([utt(29.0), utt(31.0)], tok, whisper)
+    assert [u.duration for u in kept] == [29.0] and skipped["too_long"] == 1
+    # Speed perturbation down to 0.9 may stretch 29 s past Whisper's 30 s window.
+    assert fitting([utt(29.0)], tok, whisper, stretch=1 / 0.9)[0] == []

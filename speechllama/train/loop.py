@@ -150,6 +150,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
             for key in ("step", "epoch", "batches_done", "audio_seconds", "train_seconds"):
                 setattr(self, key, state[key])
             self.best = state.get("best") or {}
@@ -365,6 +367,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         save_checkpoint(self.model, self.tokenizer, path, self._meta(), train_state)
         for old in list_checkpoints(self.out, STEP_PREFIX)[: -self.cfg.keep_last]:

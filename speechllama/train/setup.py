@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from speechllama.data.augment import AugmentConfig, Augmenter
 from speechllama.data.manifest import load_manifest
 from speechllama.data.sampler import DurationBucketSampler
 from speechllama.features import SpecAugment, feature_frames
@@ -22,7 +23,7 @@ from speechllama.model.config import ModelConfig
 from speechllama.text import Tokenizer
 from speechllama.train.cache import EncoderCache, fingerprint
 from speechllama.train.config import TrainConfig
-from speechllama.train.data import SAMPLE_RATE, Batch, SpeechDataset, WaveAugment, collate
+from speechllama.train.data import SAMPLE_RATE, Batch, SpeechDataset, collate
 
 _MIN_SECONDS = 0.1
 
@@ -50,17 +51,27 @@ def embeddings_for(seconds: float, cfg: ModelConfig) -> int:
 
 
 def fitting(
-    utterances: list[Any], tokenizer: Tokenizer, cfg: ModelConfig
+    utterances: list[Any], tokenizer: Tokenizer, cfg: ModelConfig, stretch: float = 1.0
 ) -> tuple[list[Any], dict[str, int]]:
-    """The utterances whose [audio][BOS] y [EOS] fits the decoder context, and skip counts."""
+    """The utterances whose [audio][BOS] y [EOS] fits the decoder context (and, for Whisper,
+    the encoder's 30 s window), and skip counts. ``stretch``: the most that augmentation can
+    lengthen audio (1 / the slowest speed)."""
     from speechllama.text import target_ids
 
+    max_seconds = math.inf
+    if cfg.encoder.kind == "whisper":
+        from speechllama.model.whisper_encoder import WHISPER_MAX_FRAMES
+
+        max_seconds = WHISPER_MAX_FRAMES * cfg.encoder.subsampling / 100  # 100 mel frames/s
     kept, skipped = [], {"too_short": 0, "too_long": 0}
     for utt in utterances:
+        seconds = utt.duration * stretch
         if utt.duration < _MIN_SECONDS:
             skipped["too_short"] += 1
-        elif embeddings_for(utt.duration, cfg) + len(target_ids(utt.text, tokenizer)) + 1 > (
-            cfg.decoder.max_seq_len
+        elif (
+            seconds > max_seconds
+            or embeddings_for(seconds, cfg) + len(target_ids(utt.text, tokenizer)) + 1
+            > cfg.decoder.max_seq_len
         ):
             skipped["too_long"] += 1
         else:
@@ -68,13 +79,11 @@ def fitting(
     return kept, skipped
 
 
-def wave_augmenter(spec: dict[str, Any] | None, seed: int) -> WaveAugment | None:
+def wave_augmenter(spec: dict[str, Any] | None, seed: int) -> Augmenter | None:
     """The waveform augmentation ``spec`` (AugmentConfig fields; {} = its defaults) describes,
     or None when ``spec`` is None."""
     if spec is None:
         return None
-    from speechllama.data.augment import AugmentConfig, Augmenter
-
     return Augmenter(AugmentConfig.from_dict(spec), seed)  # called as (wave, rng) -> wave
 
 
@@ -82,14 +91,15 @@ def prepare_data(
     cfg: TrainConfig, model: torch.nn.Module, tokenizer: Tokenizer, device: torch.device, out: Path
 ) -> RunData:
     mcfg: ModelConfig = model.config
-    train_utts, skipped = fitting(load_manifest(cfg.train_manifest), tokenizer, mcfg)
+    augment = wave_augmenter(cfg.augment, cfg.seed)
+    stretch = 1.0 / min(augment.config.speeds) if augment is not None else 1.0
+    train_utts, skipped = fitting(load_manifest(cfg.train_manifest), tokenizer, mcfg, stretch)
     if not train_utts:
         raise ValueError(f"{cfg.train_manifest}: no utterance fits the model ({skipped})")
     dev_utts: list[Any] = []
     if cfg.dev_manifest:
         dev_utts, dev_skipped = fitting(load_manifest(cfg.dev_manifest), tokenizer, mcfg)
         skipped.update({f"dev_{k}": v for k, v in dev_skipped.items()})
-    augment = wave_augmenter(cfg.augment, cfg.seed)
     kind, n_mels = mcfg.encoder.features, mcfg.encoder.n_mels
 
     cache = None
