@@ -65,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         default=[],
         choices=("encoder", "adapter", "decoder", "ctc_head"),
-        help="parts not to train (e.g. --freeze encoder adapter decoder: heads only)",
+        metavar="PART",
+        help="parts not to train: encoder, adapter, decoder, ctc_head (all three of the first "
+        "three: heads only)",
     )
 
     opt = p.add_argument_group("optimisation")
@@ -112,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="*",
         metavar="KEY=VALUE",
         help="waveform augmentation; bare --augment uses the defaults, KEY=VALUE (JSON values) "
-        "sets AugmentConfig fields",
+        "sets AugmentConfig fields, e.g. speeds=[0.9,1.1] noise_prob=0.8 reverb_prob=0",
     )
     aug.add_argument(
         "--cache",
