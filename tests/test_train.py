@@ -249,6 +249,8 @@ def test_resume_replays_the_same_batches_and_weights(
     starts = [e for e in events if e["event"] == "start"]
     assert starts[-1]["resumed_from"].endswith("step-00000003")
     assert [e["step"] for e in events if e["event"] == "train"][-3:] == [4, 5, 6]
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        loop.train(_cfg(corpus, tmp_path / "b", augment=augment))  # would overwrite the run
     with pytest.raises(ValueError, match="changed"):
         loop.train(_cfg(corpus, tmp_path / "b", augment=augment, resume=True, lr=0.5))
 

@@ -89,7 +89,13 @@ class Trainer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.seed)
 
-        self.resumed_from = list_checkpoints(out, STEP_PREFIX)[-1] if cfg.resume else None
+        existing = list_checkpoints(out, STEP_PREFIX)
+        if existing and not cfg.resume:
+            raise ValueError(
+                f"{out}: already holds checkpoints ({existing[-1].name}); pass --resume to "
+                "continue that run, or choose a new --out"
+            )
+        self.resumed_from = existing[-1] if cfg.resume and existing else None
         if cfg.resume and self.resumed_from is None:
             print(f"speechllama train: nothing to resume in {out}; starting afresh")
         state: dict[str, Any] = {}
