@@ -40,11 +40,19 @@ class DecoderModel(Protocol):
     def new_cache(self, batch_size: int, max_len: int) -> Any: ...
 
     def prefill(
-        self, audio: torch.Tensor, audio_lens: torch.Tensor, cache: Any
+        self,
+        audio: torch.Tensor,
+        audio_lens: torch.Tensor,
+        cache: Any,
+        num_heads: int | None = None,
     ) -> torch.Tensor: ...
 
     def step(
-        self, tokens: torch.Tensor, cache: Any, tree_mask: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        cache: Any,
+        tree_mask: torch.Tensor | None = None,
+        num_heads: int | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -57,7 +65,9 @@ class DecodingState:
     """Mutable per-sequence bookkeeping for one batch (B sequences).
 
     ``tokens[b]`` holds the accepted transcript tokens of sequence b (no BOS, no EOS);
-    ``max_tokens[b]`` is its hard length limit.
+    ``max_tokens[b]`` is its hard length limit. ``scratch`` holds what a strategy carries from
+    one call to the next for this batch (e.g. pending proposals as tensors), so that a
+    ``Strategy`` instance keeps no per-batch state and can be reused across batches.
     """
 
     eos_id: int
@@ -68,6 +78,7 @@ class DecodingState:
     calls: list[int] = field(default_factory=list)
     histogram: list[list[int]] = field(default_factory=list)
     decoder_seconds: list[float] = field(default_factory=list)
+    scratch: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.max_tokens)
@@ -114,6 +125,22 @@ class DecodingState:
         hist[added] += 1
         return added
 
+    def accept_blocks(self, blocks: torch.Tensor, counts: torch.Tensor) -> list[int]:
+        """``accept`` the first ``counts[b]`` tokens of ``blocks[b]`` (B, n) for every live b.
+
+        One host transfer for the whole batch (the strategies that emit several tokens per call
+        compute ``blocks`` and ``counts`` on the device). Returns the tokens appended per row
+        (0 for rows that were already finished)."""
+        rows = torch.cat([counts[:, None].to(blocks.dtype), blocks], dim=1).tolist()
+        added = [0] * self.batch_size
+        for b in self.live:
+            added[b] = self.accept(b, rows[b][1 : 1 + rows[b][0]])
+        return added
+
+    def live_mask(self, device: torch.device | str) -> torch.Tensor:
+        """(B,) bool on ``device``: True for the sequences that still need decoder calls."""
+        return torch.tensor([not done for done in self.finished], device=device)
+
     def charge(self, sequences: Sequence[int], calls: int, seconds: Sequence[float]) -> None:
         """Book ``calls`` decoder calls and a share of wall time to each of ``sequences``."""
         for b, secs in zip(sequences, seconds, strict=True):
@@ -158,6 +185,28 @@ class Strategy(ABC):
     def finalize(self, state: DecodingState) -> list[tuple[int, ...]]:
         """The final token sequence of each batch row."""
         return [tuple(t) for t in state.tokens]
+
+
+# Cache room reserved by the strategies that feed up to K tokens per call when the options
+# leave K to the model (``num_heads=None``); a model with more heads needs ``num_heads`` set.
+MAX_DEFAULT_HEADS = 8
+
+
+def block_lookahead(options: DecodingOptions) -> int:
+    """The ``lookahead`` of a strategy that feeds up to ``num_heads`` tokens per call."""
+    return options.num_heads or MAX_DEFAULT_HEADS
+
+
+def heads_used(logits: torch.Tensor, strategy: Strategy) -> int:
+    """n, the heads of the prefill logits (B, 1, n, V), after checking the cache room reserved
+    for ``strategy`` (its ``lookahead``) covers a call of n tokens."""
+    n = logits.shape[2]
+    if n > strategy.lookahead:
+        raise ValueError(
+            f"the model has {n} heads, more than the {strategy.lookahead} that strategy "
+            f"{strategy.name!r} reserves room for by default; set num_heads"
+        )
+    return n
 
 
 def feed(
@@ -220,7 +269,7 @@ def decode(
 
     calls0 = model.decoder_calls
     t0 = time.perf_counter()
-    logits = model.prefill(audio, audio_lens, cache)
+    logits = model.prefill(audio, audio_lens, cache, num_heads=options.num_heads)
     strategy.start(model, cache, logits, state)
     elapsed = time.perf_counter() - t0
     total = sum(lens) or 1
