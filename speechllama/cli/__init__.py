@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Sub-command modules, in the order `speechllama --help` lists them.
-_COMMANDS = ("transcribe", "evaluate", "train", "info", "tokenizer", "data")
+_COMMANDS = ("transcribe", "evaluate", "bench", "train", "info", "tokenizer", "data")
 
 
 def build_parser() -> argparse.ArgumentParser:
