@@ -1,0 +1,190 @@
+"""Threshold-based decoding: above 1 it is greedy call for call; otherwise the batched cached
+strategy (rows feeding different numbers of tokens in one call) equals an uncached
+one-sequence reference of the rule, calls and accepted-per-call histograms included."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from speechllama.decoding import DecodingOptions, get_strategy
+from speechllama.decoding.base import Decoded, decode, max_tokens_for
+from speechllama.model.config import (
+    AdapterConfig,
+    DecoderConfig,
+    EncoderConfig,
+    HeadsConfig,
+    ModelConfig,
+)
+from speechllama.model.speechllama import SpeechLLaMA
+from speechllama.train.losses import multi_token_loss
+
+torch.set_num_threads(1)
+VOCAB, D, K, S, U = 40, 32, 4, 6, 20
+BOS, EOS, PAD = 1, 2, 0
+MAX_LEN = 128
+DURATIONS = [1.0, 0.1, 1.0, 1.0, 1.0, 0.1]  # 0.1 s: a limit of 18 tokens cuts a block
+LENS = [6, 6, 6, 4, 6, 3]  # rows 0-2: the training audio, whole
+
+
+class Identity(nn.Module):
+    """Stand-in encoder: the tests feed audio embeddings straight to the decoder."""
+
+    output_dim = D
+
+    def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return feats, lens
+
+
+@functools.cache
+def trained(kind: str) -> tuple[SpeechLLaMA, torch.Tensor, torch.Tensor]:
+    """A K-head model fitted for 120 Adam steps to 6 walks (steps of +1..+3, so heads 2..K are
+    sure of some tokens and unsure of others) with fixed random audio embeddings; returns it
+    with decode audio: rows 0-2 the training audio, rows 3-5 perturbed."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        encoder=EncoderConfig(n_mels=D),
+        adapter=AdapterConfig(kind="linear", stack=1),
+        decoder=DecoderConfig(
+            vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+            max_seq_len=MAX_LEN,
+        ),
+        heads=HeadsConfig(kind=kind, num_heads=K),
+        bos_id=BOS, eos_id=EOS, pad_id=PAD,
+    )  # fmt: skip
+    model = SpeechLLaMA(cfg, encoder=Identity()).train()
+    g = torch.Generator().manual_seed(2)
+    n = len(LENS)
+    start = torch.randint(0, VOCAB - 3, (n, 1), generator=g)
+    walk = (start + torch.randint(1, 4, (n, U - 1), generator=g).cumsum(1)) % (VOCAB - 3) + 3
+    labels = torch.cat([walk, torch.full((n, 1), EOS)], dim=1)
+    tokens = torch.cat([torch.full((n, 1), BOS), labels[:, :-1]], dim=1)
+    audio = torch.randn(n, S, D, generator=g)
+    lens = torch.full((n,), U)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        opt.zero_grad()
+        logits = model(audio, torch.full((n,), S), tokens, lens)
+        multi_token_loss(logits, labels, lens).total.backward()
+        opt.step()
+    model.eval()
+    test = torch.cat([audio[:3], audio[3:] + 0.7 * torch.randn(3, S, D, generator=g)])
+    for b, m in enumerate(LENS):
+        test[b, m:] = 0
+    return model, test, torch.tensor(LENS)
+
+
+@pytest.fixture(scope="module", params=["projection", "latent"])
+def fitted(request: pytest.FixtureRequest) -> tuple[SpeechLLaMA, torch.Tensor, torch.Tensor]:
+    return trained(request.param)
+
+
+def run(model: SpeechLLaMA, audio, lens, durations=DURATIONS, **opts) -> list[Decoded]:
+    with torch.inference_mode():
+        return decode(
+            model, get_strategy(DecodingOptions(**opts)), audio, lens, durations, eos_id=EOS,
+            pad_id=PAD, max_seq_len=MAX_LEN,
+        )  # fmt: skip
+
+
+def _summary(out: list[Decoded]) -> list[tuple]:
+    return [(d.tokens, d.decoder_calls, d.accepted_per_call) for d in out]
+
+
+@pytest.mark.parametrize("threshold", [1.0001, 2.0])
+@pytest.mark.parametrize("heads", [None, 2])
+def test_threshold_above_one_is_greedy(fitted, threshold, heads):
+    model, audio, lens = fitted
+    greedy = run(model, audio, lens, strategy="greedy")
+    out = run(model, audio, lens, strategy="threshold", threshold=threshold, num_heads=heads)
+    assert _summary(out) == _summary(greedy)
+    assert {len(d.accepted_per_call) for d in out} <= {1, 2}  # never more than 1 per call
+
+
+def _reference(model, audio, n, duration, threshold, heads) -> tuple[list[int], int, list[int]]:
+    """One sequence, no cache: every call recomputes the teacher-forced forward over
+    [BOS] y_1..y_t and applies the threshold rule at the last position."""
+    limit = max_tokens_for(duration, DecodingOptions())
+    out: list[int] = []
+    hist = [0] * (heads + 1)
+    calls, done = 0, False
+    while not done:
+        ids = torch.tensor([[BOS, *out]])
+        with torch.inference_mode():
+            logits = model(audio[None, :n], torch.tensor([n]), ids, torch.tensor([len(out) + 1]))
+        calls += 1
+        probs = logits[0, -1, :heads].float().softmax(-1)  # (heads, V)
+        p, tok = probs.max(-1)
+        block = [int(tok[0])]
+        for k in range(1, heads):
+            if float(p[k]) < threshold:
+                break
+            block.append(int(tok[k]))
+        added = 0
+        for t in block:
+            if t == EOS:
+                done = True
+                break
+            out.append(t)
+            added += 1
+            if len(out) >= limit:
+                done = True
+                break
+        hist[added] += 1
+    while hist and hist[-1] == 0:
+        hist.pop()
+    return out, calls, hist
+
+
+@pytest.mark.parametrize("threshold,heads", [(0.9, None), (0.95, 3), (0.0, None), (0.0, 2)])
+def test_batched_cached_equals_uncached_reference(fitted, threshold, heads, monkeypatch):
+    model, audio, lens = fitted
+    n = heads or K
+    widths: list[list[int]] = []  # tokens each row fed, per call
+    real_step = model.step
+
+    def spy(tokens, cache, tree_mask=None, num_heads=None):
+        assert num_heads == n  # the same heads as the prefill, every call
+        widths.append((tokens != PAD).sum(1).tolist())
+        return real_step(tokens, cache, tree_mask, num_heads)
+
+    monkeypatch.setattr(model, "step", spy)
+    out = run(model, audio, lens, strategy="threshold", threshold=threshold, num_heads=heads)
+    monkeypatch.undo()
+    for b, m in enumerate(LENS):
+        tokens, calls, hist = _reference(model, audio[b], m, DURATIONS[b], threshold, n)
+        assert list(out[b].tokens) == tokens, b
+        assert out[b].decoder_calls == calls
+        assert list(out[b].accepted_per_call) == hist
+        assert sum(i * c for i, c in enumerate(hist)) == len(tokens)
+    # not vacuous: calls kept several tokens, and (but at 0) some stopped at an unsure head,
+    # so that rows fed different numbers of tokens in one call
+    assert sum(sum(d.accepted_per_call[2:]) for d in out) >= 10
+    stopped = sum(max(0, sum(d.accepted_per_call[1:n]) - 1) for d in out)  # not the last calls
+    if threshold == 0.0:  # every head is kept: n tokens per call, but for a row's last call
+        assert stopped == 0
+        assert all(sum(d.accepted_per_call[:n]) <= 1 for d in out)
+    else:
+        assert stopped >= 3
+        assert any(len({w for w in row if w}) > 1 for row in widths)
+
+
+def test_batched_equals_unbatched(fitted):
+    model, audio, lens = fitted
+    out = run(model, audio, lens, strategy="threshold", threshold=0.5)
+    for b, m in enumerate(LENS):
+        alone = run(model, audio[b : b + 1, :m], lens[b : b + 1], DURATIONS[b : b + 1],
+                    strategy="threshold", threshold=0.5)  # fmt: skip
+        assert _summary(alone) == _summary(out[b : b + 1])
+
+
+def test_fewer_calls_than_greedy_at_a_usable_threshold(fitted):
+    model, audio, lens = fitted
+    greedy = run(model, audio, lens, strategy="greedy")
+    out = run(model, audio, lens, strategy="threshold", threshold=0.9)
+    assert sum(d.decoder_calls for d in out) < sum(d.decoder_calls for d in greedy)
+    # on the training audio the heads are sure and right: the transcript is greedy's
+    assert [d.tokens for d in out[:3]] == [d.tokens for d in greedy[:3]]
