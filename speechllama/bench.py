@@ -235,7 +235,7 @@ def _timed(
     unstable: set[str] = set()
     for r in range(repeats):
         for b, batch in enumerate(batches):
-            shift = (r * len(batches) + b) % len(names)
+            shift = (r + b) % len(names)  # who goes first moves on each batch and repeat
             for name in names[shift:] + names[:shift]:
                 outs, secs = runners[name].run(batch)
                 seconds[name][r] += secs
