@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from speechllama.data import engines
+from speechllama.data.engines import SynthesisError, synthesize
 from speechllama.data.synth import (
     SynthOptions,
     add_synth_arguments,
@@ -31,7 +33,6 @@ from speechllama.data.voices import (
     Voice,
     choose_rendition,
     resolve_voices,
-    synthesize,
 )
 
 _MISSING = [name for name in ("espeak-ng", "flite", "text2wave") if shutil.which(name) is None]
@@ -277,3 +278,30 @@ def test_sentences_are_shuffled_by_seed_unless_in_order(tmp_path: Path) -> None:
     assert orders["c"] == lines[:5]  # --limit takes the first lines of the file
     assert sorted(orders["a"]) == sorted(orders["b"]) == sorted(lines[:5])
     assert orders["a"] != orders["b"] and orders["a"] != orders["c"]
+
+
+def test_festival_process_is_reused_without_carrying_state(tmp_path: Path) -> None:
+    """Workers pick up sentences in any order, so a voice's audio must not depend on what the
+    long-running festival process said before; a dead process is replaced."""
+    kal = Rendition(Voice("festival", "kal_diphone"), speed=1.1, pitch=0.9)
+    others = [
+        Rendition(Voice("festival", "ked_diphone"), speed=0.85, pitch=1.12),
+        Rendition(Voice("festival", "cmu_us_slt_arctic_hts"), speed=1.2, pitch=1.1),
+    ]
+    text = "a quiet river runs under the old bridge"
+    first, _ = synthesize(kal, text, tmp_path)
+    process = engines._festival_process()
+    pid = process.proc.pid
+    for r in others:
+        synthesize(r, text, tmp_path)
+    again, _ = synthesize(kal, text, tmp_path)
+    assert process.proc.pid == pid  # one process served all four
+    assert np.array_equal(first, again)
+
+    process.proc.kill()
+    process.proc.wait()
+    revived, _ = synthesize(kal, text, tmp_path)
+    assert process.proc.pid != pid and np.array_equal(first, revived)
+
+    with pytest.raises(SynthesisError, match="no audio"):
+        synthesize(kal, "...", tmp_path)  # nothing to say is an error, not a silent file

@@ -32,6 +32,8 @@ import hashlib
 import os
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -42,14 +44,13 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
+from speechllama.data.engines import SynthesisError, synthesize
 from speechllama.data.voices import (
     DEFAULT_ENGINE_WEIGHTS,
     Rendition,
-    SynthesisError,
     Voice,
     choose_rendition,
     resolve_voices,
-    synthesize,
 )
 
 __all__ = [
@@ -146,9 +147,22 @@ def _make(job: Job, out: str) -> tuple[int, float, str | None]:
         tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
         sf.write(tmp, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
         os.replace(tmp, dest)
-    except (SynthesisError, OSError, ValueError, RuntimeError) as exc:
-        return job.number, 0.0, f"utterance {job.number} ({job.rendition.voice.id}): {exc}"
+    except Exception as exc:  # one bad sentence must not stop a batch of thousands
+        reason = str(exc) if isinstance(exc, SynthesisError) else f"{type(exc).__name__}: {exc}"
+        return job.number, 0.0, f"utterance {job.number} ({job.rendition.voice.id}): {reason}"
     return job.number, len(audio) / SAMPLE_RATE, None
+
+
+def _init_worker(parent: int) -> None:
+    """Exit when the parent is gone: a killed run must not leave idle workers behind (they
+    wait on a queue the dead parent can no longer close)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _existing_seconds(path: Path) -> float | None:
@@ -167,7 +181,7 @@ def _results(jobs: Iterator[Job], opts: SynthOptions) -> Iterator[tuple[int, flo
     ``--hours`` wastes little. Closing the generator cancels what has not started and waits for
     what has, so no worker writes after the caller prunes.
     """
-    pool = ProcessPoolExecutor(max_workers=opts.jobs)
+    pool = ProcessPoolExecutor(opts.jobs, initializer=_init_worker, initargs=(os.getpid(),))
     pending: set[Future[tuple[int, float, str | None]]] = set()
     try:
         for job in jobs:

