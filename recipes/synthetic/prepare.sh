@@ -35,9 +35,10 @@
 # Synthesis stages resume: re-running one skips the files already made.
 #
 # Synthesis uses every core. On a 2-core machine never run it next to 2-thread training.
-# Speed measured on this project's 2-core machine (shared with other jobs, 2 processes, x real
-# time): espeak-ng 270, flite 140, festival diphones 20-35, hibari 60-70, festival slt HTS 10-15,
-# piper 10. With the default engine shares that predicts 35-45 minutes for 50 h (not yet timed).
+# Speed measured on this project's 2-core machine while other jobs shared it (load 3-6), with
+# 2 processes, in x real time: espeak-ng 130-270, flite 50-140, festival diphones 80, hibari
+# 50-70, festival slt HTS 30, piper 7-10; the default training mix 35 at load 5-6, which would
+# make 50 h take about 1.5 h on a loaded machine (the full build has not been timed yet).
 
 set -euo pipefail
 
