@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -309,8 +310,9 @@ def format_table(report: BenchReport) -> str:
         + f" | device {h['device']}",
         f"{h['utterances']} utterances, {h['audio_seconds']:.1f} s of audio | batch size "
         f"{h['batch_size']} | K = {h['heads']} heads | times: median of {h['repeats']} "
-        f"repeat(s) after a warm-up | encoder {h['encoder_seconds']:.3f} s (RTF "
-        f"{h['encoder_seconds'] / h['audio_seconds']:.4f}), its embeddings shared by all",
+        "repeat(s) after a warm-up",
+        f"encoder (features + encoder + adapter) {h['encoder_seconds']:.3f} s, RTF "
+        f"{h['encoder_seconds'] / h['audio_seconds']:.4f}; its embeddings are shared by all",
         "",
         f"{'method':<20} {'WER':>7} {'calls/utt':>9} {'tok/call':>8} {'decoder s':>9} "
         f"{'speed-up':>8} {'RTF':>7} {'=greedy':>7} {'batch':>5}",
@@ -323,8 +325,9 @@ def format_table(report: BenchReport) -> str:
         )
     lines += [
         "",
-        "speed-up = greedy decoder seconds / method decoder seconds (same run); RTF = (encoder "
-        "+ decoder seconds) / audio seconds; =greedy: utterances whose tokens equal greedy's",
+        "speed-up = greedy decoder seconds / method decoder seconds (same run)",
+        "RTF = (encoder + decoder seconds) / audio seconds; =greedy: share of utterances whose "
+        "tokens equal greedy's",
     ]
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
@@ -338,24 +341,29 @@ def write_json(report: BenchReport, path: str | os.PathLike) -> None:
 
 
 def plot_wer_vs_calls(report: BenchReport, path: str | os.PathLike) -> None:
-    """WER (%) against decoder calls per utterance, one labelled point per method (PNG via
-    matplotlib's Agg canvas: no display, no global pyplot state)."""
+    """WER (%) against decoder calls per utterance, one point per method and a legend beside
+    the axes (methods at the same point share one entry, so none hides another). PNG through
+    matplotlib's Agg canvas: no display, no global pyplot state."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
         raise OSError(f"{path}: plotting needs matplotlib (pip install matplotlib)") from err
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    points: dict[tuple[float, float], list[str]] = {}
+    for r in report.rows:
+        xy = (round(r["calls_per_utt"], 6), round(100 * r["wer"], 6))
+        points.setdefault(xy, []).append(r["method"])
+    fig = Figure(figsize=(8.0, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for r in report.rows:
-        x, y = r["calls_per_utt"], 100 * r["wer"]
-        ax.scatter([x], [y], marker="s" if r["method"].startswith("hf-") else "o")
-        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for (x, y), names in points.items():
+        marker = "s" if all(n.startswith("hf-") for n in names) else "o"
+        ax.scatter([x], [y], marker=marker, s=40, label=textwrap.fill(", ".join(names), 32))
     h = report.header
     ax.set_xlabel("decoder calls per utterance")
     ax.set_ylabel("WER (%)")
     ax.set_title(f"{h['utterances']} utterances, batch {h['batch_size']}, {h['threads']} threads",
                  fontsize=10)  # fmt: skip
     ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     fig.savefig(path, dpi=120)
