@@ -140,7 +140,8 @@ def resolve_voices(spec: str) -> tuple[Voice, ...]:
         elif item in by_id:
             out.append(by_id[item])
         else:
-            raise ValueError(f"unknown voice or voice set {item!r} (try train, heldout, {ENGINES})")
+            known = ", ".join(("train", "heldout", "all", *ENGINES, "ENGINE/NAME"))
+            raise ValueError(f"unknown voice or voice set {item!r} (known: {known})")
     return tuple(dict.fromkeys(out))
 
 
