@@ -89,6 +89,8 @@ def encode_all(
         for r in range(repeats):
             t0 = time.perf_counter()
             encoded = encode([waves[i] for i in chunk])
+            if device.type == "cuda":  # kernels run asynchronously: wait before reading time
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
             if r == 0:
                 audio, lens = encoded

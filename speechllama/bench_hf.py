@@ -173,6 +173,8 @@ class HFRunner:
                 pad_token_id=cfg.pad_id,
                 **kwargs,
             )
+            if generated.device.type == "cuda":  # asynchronous kernels: wait before timing
+                torch.cuda.synchronize(generated.device)
             seconds += time.perf_counter() - t0
             tokens = generated[0].tolist()
             if cfg.eos_id in tokens:

@@ -202,7 +202,8 @@ class Runner(Protocol):
 
 class StrategyRunner:
     """Our decoding loop with one strategy; times the whole ``decode`` call (prefill, calls and
-    cache allocation: what a user pays)."""
+    cache allocation: what a user pays). ``decode`` reads the tokens back after every call, so
+    the time is complete on a GPU too."""
 
     def __init__(self, transcriber: Transcriber, options: DecodingOptions) -> None:
         self.model = transcriber.model
