@@ -47,6 +47,7 @@ from speechllama.evaluate import evaluate_results
 
 if TYPE_CHECKING:
     from speechllama.data.manifest import Utterance
+    from speechllama.model.config import FeatureKind
     from speechllama.transcribe import Transcriber
 
 SAMPLE_RATE = 16_000
@@ -151,7 +152,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _load(utt: Utterance, features: str) -> np.ndarray:
+def _load(utt: Utterance, features: FeatureKind) -> np.ndarray:
     """The utterance's samples (its segment when the manifest gives an ``offset``); raises
     ``AudioError`` for unreadable audio, an empty segment or audio shorter than one frame."""
     from speechllama.audio import AudioError, load_audio
@@ -163,7 +164,7 @@ def _load(utt: Utterance, features: str) -> np.ndarray:
         wave = load_audio(utt.audio_filepath, max_seconds=None)
         start = round(utt.offset * SAMPLE_RATE)
         wave = wave[start : start + round(utt.duration * SAMPLE_RATE)]
-    if feature_frames(wave.shape[0], features) < 1:  # type: ignore[arg-type]
+    if feature_frames(wave.shape[0], features) < 1:
         raise AudioError(utt.audio_filepath, f"too short ({wave.shape[0] / 16:.0f} ms)")
     return wave
 
@@ -221,7 +222,7 @@ def run_bench(
         sum(enc_seconds.values()),
         sum(waves[i].shape[0] for i in kept) / SAMPLE_RATE,
     )
-    if options.batch_size > 1 and any(r.batch_size == 1 for r in runners.values()):
+    if options.batch_size > 1 and any(r.batch_size == 1 for r in runners.values()):  # hf-*
         notes.append("hf-* peers run at batch 1 (see speechllama.bench_hf); compare them with "
                      "our methods at --batch-size 1")  # fmt: skip
     header = {
@@ -243,10 +244,20 @@ def _timed(
     runners: dict[str, Runner], batches: list[EncodedBatch], repeats: int, notes: list[str]
 ) -> tuple[dict[str, list[float]], dict[str, dict[int, Output]]]:
     """Warm each runner up on one utterance, then ``repeats`` interleaved timed passes.
-    Returns per-method seconds per repeat and the first repeat's outputs by utterance."""
+    Returns per-method seconds per repeat and the first repeat's outputs by utterance.
+
+    A peer whose library refuses the call in the warm-up (e.g. an older transformers without
+    prompt lookup on ``inputs_embeds``) is dropped from ``runners`` with a note; our own
+    strategies are never excused."""
+    for name in list(runners):
+        try:
+            runners[name].run(batches[0].first())
+        except (ValueError, TypeError, NotImplementedError) as err:
+            if isinstance(runners[name], StrategyRunner):
+                raise
+            del runners[name]
+            notes.append(f"skipped {name}: unsupported by the installed library ({err})")
     names = list(runners)
-    for name in names:
-        runners[name].run(batches[0].first())
     seconds = {name: [0.0] * repeats for name in names}
     outputs: dict[str, dict[int, Output]] = {name: {} for name in names}
     unstable: set[str] = set()

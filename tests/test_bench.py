@@ -246,3 +246,19 @@ def test_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: speechllama bench" in out and "--methods" in out and "verify-topk@N" in out
+
+
+class _Refuses(_Recorder):
+    def run(self, batch: EncodedBatch) -> tuple[list[Output], float]:
+        raise ValueError("prompt lookup needs input_ids")
+
+
+def test_a_peer_refused_by_its_library_is_skipped_with_a_note():
+    log: list[tuple[str, int]] = []
+    runners = {"greedy": _Recorder("greedy", log), "hf-prompt-lookup": _Refuses("x", log)}
+    batch = EncodedBatch((0,), torch.zeros(1, 2, 4), torch.tensor([2]), (1.0,), (5,))
+    notes: list[str] = []
+    seconds, _ = _timed(runners, [batch], repeats=1, notes=notes)
+    assert list(runners) == list(seconds) == ["greedy"]
+    assert notes == ["skipped hf-prompt-lookup: unsupported by the installed library "
+                     "(prompt lookup needs input_ids)"]  # fmt: skip
