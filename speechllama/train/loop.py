@@ -128,6 +128,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
 
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # Weight decay on matrices only: decaying gains and biases pulls them to 0 for nothing.
         self.optimizer = torch.optim.AdamW(
             [
                 {
@@ -180,12 +181,15 @@ class Trainer:
 
     def _fresh_model(self) -> tuple[torch.nn.Module, Any]:
         cfg = self.cfg
-        tok = None
-        if cfg.init is None:
-            from speechllama.data.manifest import load_manifest
+        if cfg.init is None or cfg.tokenizer is not None:
+            texts: list[str] = []
+            if cfg.tokenizer is None and not cfg.text:
+                from speechllama.data.manifest import load_manifest
 
-            texts = [u.text for u in load_manifest(cfg.train_manifest)]
+                texts = [u.text for u in load_manifest(cfg.train_manifest)]
             tok = resolve_tokenizer(cfg.tokenizer, cfg.text, texts, self.out, cfg.vocab_size)
+        else:
+            tok = None  # the --init checkpoint's own
         heads = {
             "num_heads": cfg.num_heads,
             "kind": cfg.head_kind,
