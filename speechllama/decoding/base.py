@@ -128,13 +128,13 @@ class DecodingState:
     def accept_blocks(self, blocks: torch.Tensor, counts: torch.Tensor) -> list[int]:
         """``accept`` the first ``counts[b]`` tokens of ``blocks[b]`` (B, n) for every live b.
 
-        One host transfer for the whole batch (the strategies that emit several tokens per call
-        compute ``blocks`` and ``counts`` on the device). Returns the tokens appended per row
-        (0 for rows that were already finished)."""
-        rows = torch.cat([counts[:, None].to(blocks.dtype), blocks], dim=1).tolist()
+        One transfer of each tensor for the whole batch (the strategies that emit several
+        tokens per call compute ``blocks`` and ``counts`` on the device). Returns the tokens
+        appended per row (0 for rows that were already finished)."""
+        rows, n = blocks.tolist(), counts.tolist()
         added = [0] * self.batch_size
         for b in self.live:
-            added[b] = self.accept(b, rows[b][1 : 1 + rows[b][0]])
+            added[b] = self.accept(b, rows[b][: n[b]])
         return added
 
     def live_mask(self, device: torch.device | str) -> torch.Tensor:
@@ -185,6 +185,27 @@ class Strategy(ABC):
     def finalize(self, state: DecodingState) -> list[tuple[int, ...]]:
         """The final token sequence of each batch row."""
         return [tuple(t) for t in state.tokens]
+
+
+_ARGMAX_CHUNK = 64
+
+
+def fast_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)``, the same indices (the first of ties), faster for large CPU inputs.
+
+    Torch's CPU argmax is not vectorised (about 1.5 ns per element on this machine) while
+    ``amax`` is, so a large input is reduced in chunks of 64: amax per chunk, argmax over the
+    chunk maxima (the first chunk that holds the maximum), then argmax inside that chunk.
+    Measured with one thread, logits (8, 4, 4, V): V = 1024, 200 -> 56 us; V = 49152, 7.9 ->
+    1.7 ms. Small inputs, other devices and vocabularies that are not a multiple of 64 take
+    plain argmax."""
+    *lead, V = x.shape
+    if x.device.type != "cpu" or V % _ARGMAX_CHUNK or x.numel() < 1 << 15:
+        return x.argmax(dim=-1)
+    rows = x.reshape(-1, V // _ARGMAX_CHUNK, _ARGMAX_CHUNK)
+    chunk = rows.amax(dim=-1).argmax(dim=-1)  # (R,)
+    inside = rows.gather(1, chunk[:, None, None].expand(-1, 1, _ARGMAX_CHUNK))[:, 0]
+    return (chunk * _ARGMAX_CHUNK + inside.argmax(dim=-1)).view(lead)
 
 
 # Cache room reserved by the strategies that feed up to K tokens per call when the options

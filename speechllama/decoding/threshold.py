@@ -11,11 +11,13 @@ to the longest and each row's cache is rolled back to its own length (causal att
 the padding from influencing the real positions); finished rows are fed padding only.
 
 Only the n rows of logits at one position per sequence go through a (log-)softmax, and only
-heads 2..n need probabilities: head 1's token is an argmax.
+heads 2..n need probabilities: head 1's token is an argmax. When every live row feeds the same
+number of tokens (always so above threshold 1) there is no padding, gather or rollback at all.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ from speechllama.decoding.base import (
     DecodingState,
     Strategy,
     block_lookahead,
+    fast_argmax,
     heads_used,
 )
 from speechllama.decoding.options import DecodingOptions
@@ -38,23 +41,30 @@ class ThresholdDecoder(Strategy):
     def __init__(self, options: DecodingOptions) -> None:
         super().__init__(options)
         self.lookahead = block_lookahead(options)
+        t = options.threshold
+        self.log_threshold = math.log(t) if t > 0 else -math.inf
 
     def keep(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits (B, n, V) of all heads at one position -> tokens (B, n), counts (B,) in 1..n.
 
-        p_k = exp(max logit - logsumexp) is head k's probability of its own argmax."""
-        best, tokens = logits.max(dim=-1)  # (B, n)
-        p = (best[:, 1:] - logits[:, 1:].logsumexp(dim=-1)).exp()
-        confident = (p >= self.options.threshold).long()
+        log p_k = max logit - logsumexp is the log-probability of head k's own argmax;
+        comparing it with log(threshold) saves an exp over the batch."""
+        tokens = fast_argmax(logits)  # (B, n)
+        rest = logits[:, 1:]
+        log_p = rest.amax(dim=-1) - rest.logsumexp(dim=-1)  # (B, n - 1)
+        confident = (log_p >= self.log_threshold).long()
         return tokens, 1 + confident.cumprod(dim=1).sum(dim=1)
 
     def _emit(self, logits: torch.Tensor, state: DecodingState) -> None:
-        """Accept each live row's kept tokens and remember them: the next call feeds them."""
+        """Accept each live row's kept tokens and remember them: the next call feeds them.
+
+        A live row appended all its kept tokens (a cut by EOS or the limit finishes it), so the
+        per-row counts the next call feeds are known on the host without another transfer."""
         tokens, counts = self.keep(logits)
         added = state.accept_blocks(tokens, counts)
         state.scratch["pending"] = tokens
-        state.scratch["counts"] = counts
-        state.scratch["width"] = max([added[b] for b in state.live], default=1)
+        pairs = zip(added, state.finished, strict=True)
+        state.scratch["counts"] = [0 if done else a for a, done in pairs]
 
     def start(
         self, model: DecoderModel, cache: Any, logits: torch.Tensor, state: DecodingState
@@ -64,18 +74,24 @@ class ThresholdDecoder(Strategy):
 
     def advance(self, model: DecoderModel, cache: Any, state: DecodingState) -> None:
         pending: torch.Tensor = state.scratch["pending"]  # (B, n)
-        n = pending.shape[1]
-        width: int = state.scratch["width"]
-        live = state.live_mask(pending.device)
-        counts = state.scratch["counts"] * live  # (B,) tokens each row feeds
-        real = torch.arange(width, device=pending.device)[None, :] < counts[:, None]
-        fed = pending[:, :width].masked_fill(~real, state.pad_id)
+        counts: list[int] = state.scratch["counts"]  # tokens each row feeds, 0 when finished
+        B, n = pending.shape
+        width = max(counts)
+        fed = pending[:, :width]
+        ragged = any(c != width for c in counts)
+        if ragged:
+            device = pending.device
+            fed_counts = torch.tensor(counts, device=device)
+            pad = torch.arange(width, device=device)[None, :] >= fed_counts[:, None]
+            fed = fed.masked_fill(pad, state.pad_id)
+            last = torch.tensor([max(c - 1, 0) for c in counts], device=device)
         before = cache.lengths.clone()
         logits = model.step(fed, cache, num_heads=n)  # (B, width, n, V)
-        at = (counts - 1).clamp(min=0)  # each row's last real position
-        V = logits.shape[-1]
-        rows = logits.gather(1, at[:, None, None, None].expand(-1, 1, n, V))[:, 0]
-        cache.truncate(before + counts)
+        if ragged:  # each row's last real position; roll back the padding
+            rows = logits[torch.arange(B, device=logits.device), last]  # (B, n, V)
+            cache.truncate(before + fed_counts)
+        else:
+            rows = logits[:, -1]
         self._emit(rows, state)
 
 
