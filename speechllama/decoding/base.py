@@ -231,7 +231,11 @@ def heads_used(logits: torch.Tensor, strategy: Strategy) -> int:
 
 
 def feed(
-    model: DecoderModel, cache: Any, new_tokens: Sequence[Sequence[int]], pad_id: int
+    model: DecoderModel,
+    cache: Any,
+    new_tokens: Sequence[Sequence[int]],
+    pad_id: int,
+    num_heads: int | None = None,
 ) -> torch.Tensor:
     """One decoder call over ragged per-sequence token lists.
 
@@ -239,6 +243,8 @@ def feed(
     list; causal attention keeps the pads from influencing the real positions, and the cache is
     rolled back so each row grows by exactly ``len(new_tokens[b])``. Returns logits (B, k, K, V);
     row b's prediction after its last real token is at index ``len(new_tokens[b]) - 1``.
+    ``num_heads`` is passed on to ``model.step`` when given (use the prefill's, i.e.
+    ``options.num_heads``, for every call of one cache).
     """
     lengths = cache.lengths.clone()
     width = max(1, max(len(t) for t in new_tokens))
@@ -247,7 +253,10 @@ def feed(
         if toks:
             batch[b, : len(toks)] = torch.as_tensor(list(toks), dtype=torch.long)
     counts = torch.tensor([len(t) for t in new_tokens], dtype=lengths.dtype, device=lengths.device)
-    logits = model.step(batch, cache)
+    if num_heads is None:
+        logits = model.step(batch, cache)
+    else:
+        logits = model.step(batch, cache, num_heads=num_heads)
     if bool((counts != width).any()):
         cache.truncate(lengths + counts)
     return logits
