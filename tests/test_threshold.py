@@ -188,3 +188,32 @@ def test_fewer_calls_than_greedy_at_a_usable_threshold(fitted):
     assert sum(d.decoder_calls for d in out) < sum(d.decoder_calls for d in greedy)
     # on the training audio the heads are sure and right: the transcript is greedy's
     assert [d.tokens for d in out[:3]] == [d.tokens for d in greedy[:3]]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("heads", [3, 4])
+def test_rows_at_their_limit_stay_inside_the_cache(fitted, threshold, heads, monkeypatch):
+    """The bug verify had (a row cut by its limit inside a kept block kept the whole block in
+    its cache, and the padding calls after it overran the n slots reserved past the limit)
+    cannot happen here: a row's cache holds only tokens it appended, all but the last call's.
+    Checked with no EOS, so every row runs into its limit, before every call."""
+    model, audio, lens = fitted
+    durations = [0.1] * len(LENS)
+    limits = [max_tokens_for(d, DecodingOptions()) for d in durations]
+    over: list[int] = []
+    real_step = model.step
+
+    def spy(tokens, cache, tree_mask=None, num_heads=None):
+        bound = [n + m for n, m in zip(LENS, limits, strict=True)]  # [audio][BOS] + limit - 1
+        over.append(max(int(x) - c for x, c in zip(cache.lengths.tolist(), bound, strict=True)))
+        return real_step(tokens, cache, tree_mask, num_heads)
+
+    monkeypatch.setattr(model, "step", spy)
+    options = DecodingOptions(strategy="threshold", threshold=threshold, num_heads=heads)
+    with torch.inference_mode():
+        out = decode(
+            model, get_strategy(options), audio, lens, durations, eos_id=-1, pad_id=PAD,
+            max_seq_len=MAX_LEN,
+        )  # fmt: skip
+    assert max(over) <= 0
+    assert [len(d.tokens) for d in out] == limits

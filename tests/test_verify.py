@@ -304,3 +304,51 @@ def test_fast_argmax_is_argmax_first_of_ties():
         flat[-1, [3, 64, 200 % y.shape[-1]]] = 99.0
         flat[1 % flat.shape[0]] = -torch.inf
         assert torch.equal(fast_argmax(y), y.argmax(dim=-1))
+
+
+def _cache_bound_spy(model: SpeechLLaMA, lens: list[int], limits: list[int], monkeypatch):
+    """Spy on ``model.step``: record, per call, each row's cache length minus its bound
+    [audio][BOS] + limit - 1 (the most a row may hold: all but its last token), > 0 = overrun."""
+    over: list[list[int]] = []
+    real_step = model.step
+
+    def spy(tokens, cache, tree_mask=None, num_heads=None):
+        bound = [n + m for n, m in zip(lens, limits, strict=True)]
+        over.append([int(x) - c for x, c in zip(cache.lengths.tolist(), bound, strict=True)])
+        return real_step(tokens, cache, tree_mask, num_heads)
+
+    monkeypatch.setattr(model, "step", spy)
+    return over
+
+
+@pytest.mark.parametrize("kind", ["projection", "latent", "layer"])
+@pytest.mark.parametrize("heads", [3, 4])
+@pytest.mark.parametrize("eos", [EOS, -1])
+def test_rows_at_their_limit_stay_inside_the_cache(kind, heads, eos, monkeypatch):
+    """Regression: with ``num_heads`` set, the cache room reserved per row is n; a row that hit
+    its length limit inside an accepted block used to keep the whole block in its cache, and
+    the padding calls it is fed until the batch ends then wrote past the cache ("writing slot
+    30 ... exceeds the cache (max_len=29)"). Every row now holds at most [audio][BOS] + its
+    limit - 1 tokens before every call, so any n-token call fits its reserved room."""
+    model, audio, lens = trained(kind)
+    durations = [0.1] * len(LENS)  # every row's limit (18) cuts a 19-token transcript
+    limits = [max_tokens_for(d, DecodingOptions()) for d in durations]
+    options = DecodingOptions(strategy="verify", num_heads=heads)
+
+    def verify(audio, lens, durations) -> list[Decoded]:
+        with torch.inference_mode():
+            return decode(
+                model, get_strategy(options), audio, lens, durations, eos_id=eos, pad_id=PAD,
+                max_seq_len=MAX_LEN,
+            )  # fmt: skip
+
+    over = _cache_bound_spy(model, LENS, limits, monkeypatch)
+    out = verify(audio, lens, durations)
+    assert max(max(row) for row in over) <= 0, over
+    if eos == -1:  # no EOS: every row runs to its limit, some finish calls before others
+        assert [len(d.tokens) for d in out] == limits
+        assert len({d.decoder_calls for d in out}) > 1
+    monkeypatch.undo()
+    for b, m in enumerate(LENS):  # and the cut changes nothing about what a row emits
+        alone = verify(audio[b : b + 1, :m], lens[b : b + 1], durations[b : b + 1])[0]
+        assert (alone.tokens, alone.decoder_calls) == (out[b].tokens, out[b].decoder_calls)

@@ -137,6 +137,17 @@ class DecodingState:
             added[b] = self.accept(b, rows[b][: n[b]])
         return added
 
+    def room(self, device: torch.device | str) -> torch.Tensor:
+        """(B,) long on ``device``: the tokens each row may still append, 0 once finished.
+
+        Strategies that keep several fed tokens per call cap each row's kept count at this,
+        so a row's cache never holds more than [audio][BOS] + its limit - 1 tokens and the
+        padding calls it is fed once finished stay inside the ``lookahead`` room reserved
+        beyond the limit."""
+        left = [0 if done else m - len(t) for m, t, done in zip(
+            self.max_tokens, self.tokens, self.finished, strict=True)]  # fmt: skip
+        return torch.tensor(left, dtype=torch.long, device=device)
+
     def live_mask(self, device: torch.device | str) -> torch.Tensor:
         """(B,) bool on ``device``: True for the sequences that still need decoder calls."""
         return torch.tensor([not done for done in self.finished], device=device)

@@ -147,11 +147,7 @@ class TreeDecoder(Strategy):
         block = tokens.scatter(1, kept[:, None], bonus)  # (B, L + 1): kept candidates, bonus
         # A row that reaches its length limit keeps only what fits, so its cache never grows
         # past [audio][BOS] + limit and finished rows' padding calls stay inside ``lookahead``.
-        room = torch.tensor(
-            [m - len(t) for m, t in zip(state.max_tokens, state.tokens, strict=True)],
-            device=kept.device,
-        )
-        count = torch.minimum(kept + 1, room) * live
+        count = torch.minimum(kept + 1, state.room(kept.device))
 
         # Compact the kept path into slots before .. before + kept (slot == position again), for
         # every cache layer (``layer`` heads' too), then drop the rest. Padding entries of

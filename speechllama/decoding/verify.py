@@ -30,7 +30,10 @@ meaningful at such near-ties. ``topk`` mode is lossy by design: it keeps a propo
 in its top N without being its first choice.
 
 Batched: all rows feed the same n tokens and each keeps its own a (per-row cache lengths), so no
-padding is needed; finished rows are fed padding and rolled back to where they were. All
+padding is needed; finished rows are fed padding and rolled back to where they were. A row's
+cache never grows past [audio][BOS] + its length limit (the kept count is capped by what the
+row may still append), so every call, padding calls of finished rows included, fits the n
+slots the loop reserves beyond the limit. All
 comparisons are tensor ops over the whole batch; the emitted tokens and counts come back to the
 host once per call for ``DecodingState.accept`` (which handles EOS and the length limit).
 
@@ -113,7 +116,10 @@ class VerifyDecoder(Strategy):
         else:  # p_1 .. p_a, then g_a
             first = torch.arange(n, device=fed.device)[None, :] < kept[:, None]
             block = torch.where(first, fed.roll(-1, dims=1), own)
-        count = kept + 1 if live is None else (kept + 1) * live
+        # The cache keeps y p_1 .. p_a, but never more than the row may still append: a row cut
+        # by its length limit inside the block (or finished before) keeps only what fits, so
+        # the padding calls it is fed afterwards stay inside the n slots reserved past the limit.
+        count = torch.minimum(kept + 1, state.room(kept.device))
         cache.truncate(before + count)
         state.accept_blocks(block, count)
 
