@@ -8,7 +8,8 @@ import torch
 
 from speechllama.decoding import DecodingOptions, get_strategy
 from speechllama.decoding.base import Decoded, decode, max_tokens_for
-from speechllama.model.config import preset
+from speechllama.model.config import HeadsConfig, preset
+from speechllama.model.heads import HEADS
 from speechllama.model.speechllama import SpeechLLaMA
 
 torch.set_num_threads(1)
@@ -132,11 +133,11 @@ def test_finished_sequences_are_not_fed_and_never_grow(model, monkeypatch):
     caches = []
     real_step = model.step
 
-    def spy(tokens, cache, tree_mask=None):
+    def spy(tokens, cache, tree_mask=None, num_heads=None):
         before.append(cache.lengths.tolist())
         fed.append(tokens[:, 0].tolist())
         caches.append(cache)
-        return real_step(tokens, cache, tree_mask)
+        return real_step(tokens, cache, tree_mask, num_heads)
 
     monkeypatch.setattr(model, "step", spy)
     out = _greedy(model, audio, lens, DURATIONS, eos)
@@ -164,3 +165,74 @@ def test_time_is_split_over_sequences(model):
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(ValueError, match=r"unknown decoding strategy 'nope'.*greedy"):
         get_strategy(DecodingOptions(strategy="nope"))
+
+
+# --- greedy computes head 1 only, and head 1 does not depend on how many heads are computed -----
+
+K = 4
+MULTI_KINDS = sorted(kind for kind in HEADS if kind != "linear")
+
+
+def _multi_head_model(kind: str) -> SpeechLLaMA:
+    """The tiny preset with K = 4 heads of ``kind``, every head parameter moved off its init
+    (which makes heads 2..K copies of head 1), fp32 as decoding runs."""
+    torch.manual_seed(1)
+    m = SpeechLLaMA(preset("tiny", VOCAB).replace(heads=HeadsConfig(kind, K))).eval()
+    with torch.no_grad():
+        for name, p in m.heads.named_parameters():
+            if name != "proj.weight":
+                p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("kind", MULTI_KINDS)
+def test_head_one_is_bitwise_the_same_for_any_number_of_heads(kind):
+    """Head 1's logits with n = 1 equal those with n = 2..K bit for bit, position-wise and
+    through the cache (prefill, 1-token and 3-token steps, batch 1 and 3): greedy computes one
+    head, and verify/tree's exactness against it rests on this, near-ties included."""
+    model = _multi_head_model(kind)
+    d = model.config.decoder.d_model
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for shape in [(1, 1), (3, 1), (2, 5)]:
+            hidden = torch.randn(*shape, d, generator=g)
+            one = model.heads(hidden, num_heads=1)
+            assert one.shape == (*shape, 1, VOCAB)
+            for n in range(2, K + 1):
+                assert torch.equal(model.heads(hidden, num_heads=n)[:, :, :1], one), (shape, n)
+        for lens in [[5], [6, 2, 4]]:
+            audio, audio_lens = _audio(model, lens, seed=len(lens))
+            audio = audio.float()
+            caches = {n: model.new_cache(len(lens), 32) for n in (1, K)}
+            head1 = {n: [model.prefill(audio, audio_lens, c, num_heads=n)[:, :, 0]]
+                     for n, c in caches.items()}  # fmt: skip
+            for width in (1, 3, 1):
+                tokens = torch.randint(3, VOCAB, (len(lens), width), generator=g)
+                for n, c in caches.items():
+                    head1[n].append(model.step(tokens, c, num_heads=n)[:, :, 0])
+            assert len(head1[1]) == 4
+            for a, b in zip(head1[1], head1[K], strict=True):
+                assert torch.equal(a, b)
+
+
+def test_greedy_asks_for_head_one_only(monkeypatch):
+    model = _multi_head_model("latent")
+    asked: list[int | None] = []
+    real_prefill, real_step = model.prefill, model.step
+
+    def prefill(audio, audio_lens, cache, num_heads=None):
+        asked.append(num_heads)
+        return real_prefill(audio, audio_lens, cache, num_heads)
+
+    def step(tokens, cache, tree_mask=None, num_heads=None):
+        asked.append(num_heads)
+        out = real_step(tokens, cache, tree_mask, num_heads)
+        assert out.shape[2] == 1
+        return out
+
+    monkeypatch.setattr(model, "prefill", prefill)
+    monkeypatch.setattr(model, "step", step)
+    audio, lens = _audio(model, LENS, seed=6)
+    out = _greedy(model, audio.float(), lens, DURATIONS, NEVER, num_heads=3)
+    assert len(asked) == max(d.decoder_calls for d in out) > 1
+    assert set(asked) == {1}

@@ -226,7 +226,9 @@ def test_top1_chain_is_verify_and_the_tree_keeps_more_per_call() -> None:
 @pytest.mark.parametrize("kind", ["latent", "layer"])
 def test_cache_after_tree_decoding_equals_greedys(kind: str, monkeypatch) -> None:
     """Every slot below each row's length (trunk layers and ``layer`` heads' cache layers)
-    holds what greedy wrote there: the kept path was compacted, the rest rolled back."""
+    holds what greedy's transcript puts there: the kept path was compacted, the rest rolled
+    back. Greedy computes head 1 only (its cache has no head layers), so the reference is one
+    cached all-heads call over [audio][BOS] + greedy's tokens."""
     model = _model(kind)
     caches = []
     real_new_cache = model.new_cache
@@ -237,12 +239,21 @@ def test_cache_after_tree_decoding_equals_greedys(kind: str, monkeypatch) -> Non
 
     monkeypatch.setattr(model, "new_cache", capture)
     greedy, tree = _decode(model, strategy="greedy"), _decode(model, strategy="tree")
-    ref, got = caches
+    got = caches[1]
+    audio, lens, _ = _data()
+    width = max(len(d.tokens) for d in greedy)
+    text = torch.full((len(LENS), width), PAD)
+    for b, d in enumerate(greedy):
+        text[b, : len(d.tokens)] = torch.tensor(d.tokens)
+    ref = real_new_cache(len(LENS), max(LENS) + 1 + width)
+    with torch.inference_mode():
+        model.prefill(audio, lens, ref)
+        model.step(text, ref)
     assert got.k.shape[0] == model.config.decoder.n_layers + model.heads.cache_layers
     for b, n in enumerate(LENS):
         # [audio][BOS] + the transcript but its last token (not fed), at least
         assert int(got.lengths[b]) >= n + len(tree[b].tokens)
-        common = min(int(ref.lengths[b]), int(got.lengths[b]))
+        common = min(n + 1 + len(greedy[b].tokens), int(got.lengths[b]))
         assert common >= n + len(greedy[b].tokens)
         torch.testing.assert_close(got.k[:, b, :, :common], ref.k[:, b, :, :common])
         torch.testing.assert_close(got.v[:, b, :, :common], ref.v[:, b, :, :common])

@@ -112,7 +112,7 @@ def _greedy_margins(model: SpeechLLaMA, audio, lens, monkeypatch) -> float:
     real_step = model.step
 
     def spy(tokens, cache, tree_mask=None, num_heads=None):
-        logits = real_step(tokens, cache, tree_mask)
+        logits = real_step(tokens, cache, tree_mask, num_heads)
         top = logits[:, :, 0].topk(2, dim=-1).values
         gaps.append(float((top[..., 0] - top[..., 1]).min()))
         return logits

@@ -175,6 +175,8 @@ class Strategy(ABC):
 
     ``lookahead`` is the most tokens a strategy feeds in one call beyond a sequence's kept
     length; the loop reserves that much cache room so a proposal never overflows it.
+    ``num_heads`` is what the loop's prefill asks the model for (``options.num_heads`` unless a
+    strategy knows it needs fewer); a strategy's steps must ask for the same n.
     """
 
     name: str = "base"
@@ -182,6 +184,11 @@ class Strategy(ABC):
 
     def __init__(self, options: DecodingOptions) -> None:
         self.options = options
+
+    @property
+    def num_heads(self) -> int | None:
+        """Heads to compute in the prefill and every step; None: all K of the model."""
+        return self.options.num_heads
 
     def start(self, model: DecoderModel, cache: Any, logits: torch.Tensor, state: DecodingState):
         """Consume the prefill logits (B, 1, K, V). Default: keep head 1's argmax."""
@@ -254,8 +261,8 @@ def feed(
     list; causal attention keeps the pads from influencing the real positions, and the cache is
     rolled back so each row grows by exactly ``len(new_tokens[b])``. Returns logits (B, k, K, V);
     row b's prediction after its last real token is at index ``len(new_tokens[b]) - 1``.
-    ``num_heads`` is passed on to ``model.step`` when given (use the prefill's, i.e.
-    ``options.num_heads``, for every call of one cache).
+    ``num_heads`` is passed on to ``model.step`` when given (use the prefill's, i.e. the
+    strategy's ``num_heads``, for every call of one cache).
     """
     lengths = cache.lengths.clone()
     width = max(1, max(len(t) for t in new_tokens))
@@ -310,7 +317,7 @@ def decode(
 
     calls0 = model.decoder_calls
     t0 = time.perf_counter()
-    logits = model.prefill(audio, audio_lens, cache, num_heads=options.num_heads)
+    logits = model.prefill(audio, audio_lens, cache, num_heads=strategy.num_heads)
     strategy.start(model, cache, logits, state)
     elapsed = time.perf_counter() - t0
     total = sum(lens) or 1

@@ -21,13 +21,13 @@ rollback makes their keys/values invisible to every later call.
 
 Exactness in floating point: a call over n tokens computes the same function as n one-token
 calls, but not the same floating-point operations (matmuls of n rows instead of 1, attention
-over a wider key block; ``latent`` heads even round head 1 differently for n = 1 and n = 4), so
-logits differ in the last bits: measured on the ``tiny`` preset in fp32 on CPU, at most 5e-7 on
-logits of size ~1 (a few ulps). An argmax can only flip where head 1's two best logits are that
-close, which a trained model practically never produces; the tests assert that the margin they
-rely on is >1e-3. Greedy must use the same number of heads for the comparison to be bitwise
-meaningful at such near-ties. ``topk`` mode is lossy by design: it keeps a proposal head 1 ranks
-in its top N without being its first choice.
+over a wider key block), so logits differ in the last bits: measured on the ``tiny`` preset in
+fp32 on CPU, at most 5e-7 on logits of size ~1 (a few ulps). An argmax can only flip where head
+1's two best logits are that close, which a trained model practically never produces; the tests
+assert that the margin they rely on is >1e-3. The number of heads asked for adds no such
+difference: every head kind computes head 1 with the same operations whatever n (bitwise, as
+the tests check), which is why greedy may compute head 1 alone. ``topk`` mode is lossy by
+design: it keeps a proposal head 1 ranks in its top N without being its first choice.
 
 Batched: all rows feed the same n tokens and each keeps its own a (per-row cache lengths), so no
 padding is needed; finished rows are fed padding and rolled back to where they were. A row's

@@ -2,9 +2,12 @@
 
 Head k's output matrix is factored as W_k = U·A_k: a full-rank d x d map A_k into a latent,
 then the one shared un-embedding U (``proj``, the base model's output layer). All K maps are
-stored as one (K·d, d) matrix, so a call is ONE d -> K·d matmul giving (B, T, K, d) latents and
-ONE matmul of those with U^T, instead of K full d x V products as separate calls. Adds K·d²
-parameters, independent of the vocabulary.
+stored as one (K·d, d) matrix, so heads 2..n are ONE d -> (n-1)·d matmul giving (B, T, n-1, d)
+latents and ONE matmul of those with U^T, instead of n-1 full d x V products as separate calls.
+Head 1 takes its own two matmuls: its logits are then the same floating-point operations on the
+same shapes whatever n, bitwise equal to n = 1's (inside one wide matmul the kernel, and so the
+rounding, depends on the other heads' rows), so greedy decoding can ask for one head and still
+be what ``verify``/``tree`` check against. Adds K·d² parameters, independent of the vocabulary.
 
 Initialisation: every A_k is the identity. Head 1 of a fresh (or :func:`expand_heads`-converted)
 model then gives exactly the base model's logits, and heads 2..K start predicting the next
@@ -31,10 +34,13 @@ class LatentHeads(OutputHeads):
         self.maps = nn.Parameter(torch.eye(d.d_model).repeat(self.num_heads, 1))
 
     def logits(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
-        """hidden (B, T, d) -> latents (B, T, n, d) -> logits (B, T, n, V)."""
+        """hidden (B, T, d) -> latents (B, T, n, d) -> logits (B, T, n, V); head 1 apart."""
         d = hidden.shape[-1]
-        latents = F.linear(hidden, self.maps[: n * d]).view(*hidden.shape[:-1], n, d)
-        return self.proj(latents)
+        first = self.proj(F.linear(hidden, self.maps[:d])).unsqueeze(-2)
+        if n == 1:
+            return first
+        latents = F.linear(hidden, self.maps[d : n * d]).view(*hidden.shape[:-1], n - 1, d)
+        return torch.cat([first, self.proj(latents)], dim=-2)
 
 
 @register("latent")

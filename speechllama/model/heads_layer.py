@@ -63,33 +63,35 @@ class LayerHeads(OutputHeads):
         ``LlamaDecoder.forward_train``). With one, the arguments are those of the decoder's
         ``forward_cached`` for the same call, made *before* ``cache.lengths`` advances."""
         n = self.active(num_heads)
-        outputs = [hidden]
-        if n > 1:
-            B, T, _ = hidden.shape
-            if cache is None:
-                at = torch.arange(T, device=hidden.device).expand(B, T)
-                rope = rope_tables(at, self.head_dim, self.rope_theta, hidden.dtype)
-                outputs += [block(hidden, rope) for block in self.blocks[: n - 1]]
-            else:
-                if slots is None:
-                    raise ValueError("layer heads with a KV cache need the call's slots")
-                if cache.k.shape[0] < self.first_layer + n - 1:
-                    raise ValueError(
-                        f"the KV cache has {cache.k.shape[0]} layers, the decoder and its layer "
-                        f"heads need {self.first_layer + n - 1}: build it with model.new_cache"
-                    )
-                at = slots if positions is None else positions
-                rope = rope_tables(at, self.head_dim, self.rope_theta, hidden.dtype)
-                mask = cached_mask(cache.lengths, slots, tree_mask)
-                outputs += [
-                    block(hidden, rope, cache=cache, layer=self.first_layer + j, slots=slots,
-                          mask=mask)
-                    for j, block in enumerate(self.blocks[: n - 1])
-                ]  # fmt: skip
-        latents = torch.stack(outputs, dim=2)  # (B, T, n, d)
+        # Head 1 un-embedded on its own: the same matmul whatever n, so bitwise n = 1's logits.
+        first = self.proj(hidden if select is None else gather_positions(hidden, select))
+        if n == 1:
+            return first.unsqueeze(2)
+        B, T, _ = hidden.shape
+        if cache is None:
+            at = torch.arange(T, device=hidden.device).expand(B, T)
+            rope = rope_tables(at, self.head_dim, self.rope_theta, hidden.dtype)
+            outputs = [block(hidden, rope) for block in self.blocks[: n - 1]]
+        else:
+            if slots is None:
+                raise ValueError("layer heads with a KV cache need the call's slots")
+            if cache.k.shape[0] < self.first_layer + n - 1:
+                raise ValueError(
+                    f"the KV cache has {cache.k.shape[0]} layers, the decoder and its layer "
+                    f"heads need {self.first_layer + n - 1}: build it with model.new_cache"
+                )
+            at = slots if positions is None else positions
+            rope = rope_tables(at, self.head_dim, self.rope_theta, hidden.dtype)
+            mask = cached_mask(cache.lengths, slots, tree_mask)
+            outputs = [
+                block(hidden, rope, cache=cache, layer=self.first_layer + j, slots=slots,
+                      mask=mask)
+                for j, block in enumerate(self.blocks[: n - 1])
+            ]  # fmt: skip
+        latents = torch.stack(outputs, dim=2)  # (B, T, n - 1, d)
         if select is not None:
             latents = gather_positions(latents, select)
-        return self.proj(latents)
+        return torch.cat([first.unsqueeze(2), self.proj(latents)], dim=2)
 
 
 def cached_mask(

@@ -42,7 +42,8 @@ class MedusaHeads(OutputHeads):
             *lead, n - 1, d) + b[0])  # fmt: skip
         for i in range(1, w.shape[0]):  # deeper blocks: one batched matmul over the heads
             z = z + F.silu(torch.einsum("...ki,koi->...ko", z, w[i]) + b[i])
-        return self.proj(torch.cat([hidden.unsqueeze(-2), z], dim=-2))
+        # Head 1 un-embedded on its own: the same matmul as n = 1, so bitwise n = 1's logits.
+        return torch.cat([self.proj(hidden).unsqueeze(-2), self.proj(z)], dim=-2)
 
 
 @register("medusa")
