@@ -79,8 +79,14 @@ def test_medusa_style_paths_and_bad_shapes() -> None:
         with pytest.raises(ValueError, match="positive integers"):
             TreeDecoder(DecodingOptions(strategy="tree", tree=bad))  # type: ignore[arg-type]
     wide = TreeDecoder(DecodingOptions(strategy="tree", tree=(20, 20)))
-    assert wide.shape.num_nodes == TreeDecoder.max_nodes
-    assert wide.lookahead == TreeDecoder.max_nodes + 1
+    assert wide.shape.num_nodes == DecodingOptions().tree_max_nodes == 64
+    assert wide.lookahead == 64 + 1
+    for cap in (1, 10, 500):
+        capped = TreeDecoder(DecodingOptions(strategy="tree", tree=(20, 20), tree_max_nodes=cap))
+        assert capped.shape.num_nodes == min(cap, 20 + 20 * 20)
+        assert capped.lookahead == capped.shape.num_nodes + 1
+    with pytest.raises(ValueError, match="tree_max_nodes=0 must be at least 1"):
+        TreeDecoder(DecodingOptions(strategy="tree", tree_max_nodes=0))
 
 
 # --- a model whose heads are half trained -------------------------------------------------------
@@ -279,3 +285,46 @@ def test_fewer_heads_shrink_the_tree(monkeypatch) -> None:
     assert [d.accepted_per_call for d in _decode(single, strategy="tree")] == [
         d.accepted_per_call for d in _decode(single, strategy="greedy")
     ]
+
+
+def test_max_nodes_caps_every_call(monkeypatch) -> None:
+    model = _model("latent")
+    greedy = _decode(model, strategy="greedy")
+    widths: list[int] = []
+    real_step = model.step
+
+    def spy(tokens, cache, tree_mask=None, num_heads=None):
+        widths.append(tokens.shape[1])
+        return real_step(tokens, cache, tree_mask=tree_mask, num_heads=num_heads)
+
+    monkeypatch.setattr(model, "step", spy)
+    out = _decode(model, strategy="tree", tree=(3, 2, 1), tree_max_nodes=5)
+    assert set(widths) == {6}  # root + the 5 smallest-rank-sum candidates
+    assert [d.tokens for d in out] == [d.tokens for d in greedy]
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+COMMANDS = [["transcribe", "a.wav"], ["evaluate", "m.jsonl", "--out", "o"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_cli_tree_flags(command: list[str], capsys) -> None:
+    from speechllama.cli import build_parser
+    from speechllama.cli.transcribe import decoding_options
+
+    parser = build_parser()
+    default = decoding_options(parser.parse_args([*command, "--decoding", "tree"]))
+    assert (default.tree, default.tree_max_nodes) == ((3, 2, 1), 64)
+    for flag in ("4-2", "4,2"):
+        args = parser.parse_args(
+            [*command, "--decoding", "tree", "--tree", flag, "--tree-max-nodes", "6"]
+        )
+        options = decoding_options(args)
+        assert (options.strategy, options.tree, options.tree_max_nodes) == ("tree", (4, 2), 6)
+        assert TreeDecoder(options).shape.num_nodes == 6
+    for bad in ("3-0", "x", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*command, "--tree", bad])
+        assert "expected candidates per depth like 3-2-1" in capsys.readouterr().err

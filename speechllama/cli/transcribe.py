@@ -50,9 +50,32 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, help="probability threshold (threshold strategy)")
     g.add_argument("--verify", choices=("exact", "topk"), help="agreement test (verify strategy)")
     g.add_argument("--topk", type=int, help="top-k for relaxed verification")
+    g.add_argument(
+        "--tree",
+        type=_tree_shape,
+        metavar="N-N-..",
+        help="candidates per depth, e.g. 3-2-1 (tree strategy; default: 3-2-1)",
+    )
+    g.add_argument(
+        "--tree-max-nodes",
+        type=int,
+        metavar="N",
+        help="cap on tree candidates per call (tree strategy; default: 64)",
+    )
     g.add_argument("--beam-size", type=int, metavar="B", help="beam size (beam strategies)")
     g.add_argument("--max-tokens-per-second", type=float, metavar="R",
                    help="transcript length limit per second of audio (default: 12)")  # fmt: skip
+
+
+def _tree_shape(text: str) -> tuple[int, ...]:
+    """``3-2-1`` (the bench's ``tree@3-2-1``) or ``3,2,1`` -> (3, 2, 1)."""
+    try:
+        shape = tuple(int(x) for x in text.replace(",", "-").split("-"))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected candidates per depth like 3-2-1, got {text!r}")
+    return shape
 
 
 def decoding_options(args: argparse.Namespace):
@@ -62,7 +85,9 @@ def decoding_options(args: argparse.Namespace):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     fields: dict[str, Any] = {"strategy": args.decoding, "batch_size": args.batch_size}
-    for name in ("num_heads", "threshold", "verify", "topk", "beam_size", "max_tokens_per_second"):
+    names = ("num_heads", "threshold", "verify", "topk", "tree", "tree_max_nodes", "beam_size",
+             "max_tokens_per_second")  # fmt: skip
+    for name in names:
         value = getattr(args, name)
         if value is not None:
             fields[name] = value

@@ -22,6 +22,7 @@ class DecodingOptions:
     verify: str = "exact"  # exact | topk
     topk: int = 3
     tree: tuple[int, ...] = (3, 2, 1)
+    tree_max_nodes: int = 64  # per-call cap on tree candidates: a 65-token call is not free
     beam_size: int = 4
     length_penalty: float = 1.0
     fp16: bool = False

@@ -79,14 +79,13 @@ class TreeDecoder(Strategy):
     """Tree verification with exact agreement (candidate == head 1's argmax at its parent).
 
     ``options.tree`` = (n_2, n_3, ..) takes the top n_d candidates of head d under every node
-    of the level above (Cartesian product, pruned to ``max_nodes`` by rank sum: see
-    :func:`build_tree`). The levels used are capped by the heads the prefill returns (K, or
+    of the level above (Cartesian product, pruned to ``options.tree_max_nodes`` by rank sum:
+    see :func:`build_tree`). The levels used are capped by the heads the prefill returns (K, or
     ``options.num_heads``): L = min(len(tree), n - 1), so a single-head model decodes greedily
     (one token per call) rather than failing. Per-batch state lives in ``state.scratch``.
     """
 
     name = "tree"
-    max_nodes = 64  # per-call cap on candidates: a 65-token call is far from free on CPU
 
     def __init__(self, options: DecodingOptions) -> None:
         super().__init__(options)
@@ -95,6 +94,9 @@ class TreeDecoder(Strategy):
             if options.num_heads < 1:
                 raise ValueError(f"num_heads={options.num_heads} must be at least 1")
             shape = shape[: options.num_heads - 1]
+        if options.tree_max_nodes < 1:
+            raise ValueError(f"tree_max_nodes={options.tree_max_nodes} must be at least 1")
+        self.max_nodes = options.tree_max_nodes
         self.shape = build_tree(shape, self.max_nodes)
         # A model with fewer heads only shrinks the tree, so this bounds every call's width.
         self.lookahead = self.shape.width
