@@ -8,6 +8,7 @@ import torch
 
 from speechllama.decoding import DecodingOptions, get_strategy
 from speechllama.decoding.base import Decoded, decode, max_tokens_for
+from speechllama.decoding.state import DecodingState
 from speechllama.model.config import HeadsConfig, preset
 from speechllama.model.heads import HEADS
 from speechllama.model.speechllama import SpeechLLaMA
@@ -37,13 +38,13 @@ def _audio(model: SpeechLLaMA, lens: list[int], seed: int = 0) -> tuple[torch.Te
     return x, torch.tensor(lens)
 
 
-def _greedy(model, audio, lens, durations, eos, **opts) -> list[Decoded]:
+def _greedy(model, audio, lens, durations, eos, compact=True, **opts) -> list[Decoded]:
     strategy = get_strategy(DecodingOptions(strategy="greedy", **opts))
     cfg = model.config
     with torch.inference_mode():
         return decode(
             model, strategy, audio, lens, durations, eos_id=eos, pad_id=cfg.pad_id,
-            max_seq_len=cfg.decoder.max_seq_len,
+            max_seq_len=cfg.decoder.max_seq_len, compact=compact,
         )  # fmt: skip
 
 
@@ -140,7 +141,7 @@ def test_finished_sequences_are_not_fed_and_never_grow(model, monkeypatch):
         return real_step(tokens, cache, tree_mask, num_heads)
 
     monkeypatch.setattr(model, "step", spy)
-    out = _greedy(model, audio, lens, DURATIONS, eos)
+    out = _greedy(model, audio, lens, DURATIONS, eos, compact=False)  # rows keep their index
     final = caches[-1].lengths.tolist()
     for b, d in enumerate(out):
         # the prefill leaves S_b + 1 slots; each later call of the sequence writes one kept token
@@ -236,3 +237,62 @@ def test_greedy_asks_for_head_one_only(monkeypatch):
     out = _greedy(model, audio.float(), lens, DURATIONS, NEVER, num_heads=3)
     assert len(asked) == max(d.decoder_calls for d in out) > 1
     assert set(asked) == {1}
+
+
+# --- batch compaction ------------------------------------------------------------------------
+
+
+def _widths(model, monkeypatch) -> list[int]:
+    """Record the batch width of every ``model.step`` call."""
+    widths: list[int] = []
+    real_step = model.step
+
+    def spy(tokens, cache, tree_mask=None, num_heads=None):
+        assert cache.batch_size == tokens.shape[0]
+        widths.append(tokens.shape[0])
+        return real_step(tokens, cache, tree_mask, num_heads)
+
+    monkeypatch.setattr(model, "step", spy)
+    return widths
+
+
+def test_compaction_changes_no_result_and_narrows_the_calls(model, monkeypatch):
+    lens8 = [7, 3, 11, 5, 9, 4, 6, 8]
+    durations = [0.5, 0.2, 1.0, 0.1, 0.3, 0.9, 0.15, 0.6]  # limits from 18 to 28 tokens
+    audio, lens = _audio(model, lens8, seed=7)
+    full = _greedy(model, audio, lens, durations, NEVER, compact=False)
+    widths = _widths(model, monkeypatch)
+    compacted = _greedy(model, audio, lens, durations, NEVER)
+    summary = [(d.tokens, d.decoder_calls, d.accepted_per_call) for d in compacted]
+    assert summary == [(d.tokens, d.decoder_calls, d.accepted_per_call) for d in full]
+    assert all(d.decoder_seconds > 0 for d in compacted)
+    # rows run to their limits (18 .. 28 calls), so rows leave in groups and calls narrow
+    assert widths[0] == 8 and widths == sorted(widths, reverse=True) and widths[-1] < 8
+    assert sum(widths) < 8 * len(widths)
+    assert len(widths) == max(d.decoder_calls for d in full) - 1  # the prefill is not a step
+
+
+def test_state_compact_and_restore():
+    state = DecodingState(eos_id=2, pad_id=0, max_tokens=[5, 6, 7, 8])
+    for b in range(4):
+        state.accept(b, [10 + b] * (b + 1))
+    state.scratch["rows"] = torch.arange(8).view(4, 2)
+    state.scratch["counts"] = [1, 2, 3, 4]
+    state.shared["tree"] = torch.ones(4, 4)  # batch-wide: not cut though it has 4 rows
+    state.charge([0, 1, 2, 3], 1, [0.1, 0.2, 0.3, 0.4])
+    state.compact([3, 1])
+    assert state.batch_size == 2 and state.origin == [3, 1]
+    assert state.tokens == [[13] * 4, [11] * 2] and state.max_tokens == [8, 6]
+    assert state.scratch["rows"].tolist() == [[6, 7], [2, 3]]
+    assert state.scratch["counts"] == [4, 2]
+    assert state.shared["tree"].shape == (4, 4)
+    state.accept(0, [20])  # current row 0 is original row 3
+    state.charge([0], 1, [1.0])
+    state.restore()
+    assert state.origin == [0, 1, 2, 3] and state.max_tokens == [5, 6, 7, 8]
+    assert state.tokens == [[10], [11] * 2, [12] * 3, [13] * 4 + [20]]
+    assert state.calls == [1, 1, 1, 2]
+    assert state.decoder_seconds == [0.1, 0.2, 0.3, 0.4 + 1.0]
+    state.scratch["tree"] = object()
+    with pytest.raises(TypeError, match=r"scratch\['tree'\].*DecodingState.shared"):
+        state.compact([0])

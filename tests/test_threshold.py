@@ -82,11 +82,13 @@ def fitted(request: pytest.FixtureRequest) -> tuple[SpeechLLaMA, torch.Tensor, t
     return trained(request.param)
 
 
-def run(model: SpeechLLaMA, audio, lens, durations=DURATIONS, **opts) -> list[Decoded]:
+def run(
+    model: SpeechLLaMA, audio, lens, durations=DURATIONS, compact=True, **opts
+) -> list[Decoded]:
     with torch.inference_mode():
         return decode(
             model, get_strategy(DecodingOptions(**opts)), audio, lens, durations, eos_id=EOS,
-            pad_id=PAD, max_seq_len=MAX_LEN,
+            pad_id=PAD, max_seq_len=MAX_LEN, compact=compact,
         )  # fmt: skip
 
 
@@ -210,10 +212,31 @@ def test_rows_at_their_limit_stay_inside_the_cache(fitted, threshold, heads, mon
 
     monkeypatch.setattr(model, "step", spy)
     options = DecodingOptions(strategy="threshold", threshold=threshold, num_heads=heads)
-    with torch.inference_mode():
+    with torch.inference_mode():  # finished rows stay (worst case) and keep their index
         out = decode(
             model, get_strategy(options), audio, lens, durations, eos_id=-1, pad_id=PAD,
-            max_seq_len=MAX_LEN,
+            max_seq_len=MAX_LEN, compact=False,
         )  # fmt: skip
     assert max(over) <= 0
     assert [len(d.tokens) for d in out] == limits
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_compaction_changes_no_result(fitted, threshold, monkeypatch):
+    """Dropping finished rows (cache rows, pending tokens and per-row feed counts with them)
+    leaves every row's tokens, calls and histogram as they were."""
+    model, audio, lens = fitted
+    durations = [0.0, 0.1, 0.3, 1.0, 0.0, 0.5]  # limits 16 .. 28: rows finish calls apart
+    opts = {"durations": durations, "strategy": "threshold", "threshold": threshold}
+    full = run(model, audio, lens, compact=False, **opts)
+    widths: list[int] = []
+    real_step = model.step
+
+    def spy(tokens, cache, tree_mask=None, num_heads=None):
+        widths.append(tokens.shape[0])
+        return real_step(tokens, cache, tree_mask, num_heads)
+
+    monkeypatch.setattr(model, "step", spy)
+    compacted = run(model, audio, lens, **opts)
+    assert _summary(compacted) == _summary(full)
+    assert widths[0] == len(LENS) and widths[-1] < len(LENS)

@@ -122,7 +122,9 @@ def _model(kind: str, heads: int = 4) -> SpeechLLaMA:
     return model.eval()
 
 
-def _decode(model: SpeechLLaMA, rows: list[int] | None = None, **opts) -> list[Decoded]:
+def _decode(
+    model: SpeechLLaMA, rows: list[int] | None = None, compact: bool = True, **opts
+) -> list[Decoded]:
     audio, lens, _ = _data()
     if rows is not None:
         audio, lens = audio[rows, : max(LENS[r] for r in rows)], lens[rows]
@@ -131,6 +133,7 @@ def _decode(model: SpeechLLaMA, rows: list[int] | None = None, **opts) -> list[D
         return decode(
             model, get_strategy(DecodingOptions(**opts)), audio, lens, durations,
             eos_id=EOS, pad_id=PAD, max_seq_len=model.config.decoder.max_seq_len,
+            compact=compact,
         )  # fmt: skip
 
 
@@ -180,7 +183,7 @@ def test_each_call_keeps_the_longest_path_greedy_agrees_with(monkeypatch) -> Non
 
     monkeypatch.setattr(model, "step", spy)
     monkeypatch.setattr(model, "new_cache", capture)
-    decoded = _decode(model, strategy="tree")
+    decoded = _decode(model, strategy="tree", compact=False)  # rows keep their index
     ends = [c[2] for c in calls[1:]] + [caches[0].lengths]  # lengths after each call
     shape = build_tree((3, 2, 1))
     kept_paths: list[tuple[int, ...]] = []
@@ -244,7 +247,8 @@ def test_cache_after_tree_decoding_equals_greedys(kind: str, monkeypatch) -> Non
         return caches[-1]
 
     monkeypatch.setattr(model, "new_cache", capture)
-    greedy, tree = _decode(model, strategy="greedy"), _decode(model, strategy="tree")
+    # no compaction: every row's cache is still there at the end
+    greedy, tree = _decode(model, strategy="greedy"), _decode(model, strategy="tree", compact=False)
     got = caches[1]
     audio, lens, _ = _data()
     width = max(len(d.tokens) for d in greedy)
@@ -328,3 +332,24 @@ def test_cli_tree_flags(command: list[str], capsys) -> None:
         with pytest.raises(SystemExit):
             parser.parse_args([*command, "--tree", bad])
         assert "expected candidates per depth like 3-2-1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["latent", "layer"])
+def test_compaction_changes_no_result(kind: str, monkeypatch) -> None:
+    """Dropping finished rows (cache rows, ``layer`` heads' cache layers, last tokens and
+    proposals with them) leaves every row's tokens, calls and histogram as they were."""
+    model = _model(kind)
+    full = _decode(model, strategy="tree", compact=False)
+    widths: list[int] = []
+    real_step = model.step
+
+    def spy(tokens, cache, tree_mask=None, num_heads=None):
+        widths.append(tokens.shape[0])
+        return real_step(tokens, cache, tree_mask=tree_mask, num_heads=num_heads)
+
+    monkeypatch.setattr(model, "step", spy)
+    compacted = _decode(model, strategy="tree")
+    assert [(d.tokens, d.decoder_calls, d.accepted_per_call) for d in compacted] == [
+        (d.tokens, d.decoder_calls, d.accepted_per_call) for d in full
+    ]
+    assert widths[0] == len(LENS) and widths[-1] < len(LENS)

@@ -96,11 +96,13 @@ def fitted(request: pytest.FixtureRequest) -> tuple[SpeechLLaMA, torch.Tensor, t
     return trained(request.param)
 
 
-def run(model: SpeechLLaMA, audio, lens, durations=DURATIONS, **opts) -> list[Decoded]:
+def run(
+    model: SpeechLLaMA, audio, lens, durations=DURATIONS, compact=True, **opts
+) -> list[Decoded]:
     with torch.inference_mode():
         return decode(
             model, get_strategy(DecodingOptions(**opts)), audio, lens, durations, eos_id=EOS,
-            pad_id=PAD, max_seq_len=MAX_LEN,
+            pad_id=PAD, max_seq_len=MAX_LEN, compact=compact,
         )  # fmt: skip
 
 
@@ -195,7 +197,7 @@ def test_rollback_leaves_nothing_visible(fitted, monkeypatch):
 
     monkeypatch.setattr(KVCache, "truncate", truncate_and_poison)
     monkeypatch.setattr(model, "step", spy)
-    out = run(model, audio, lens, strategy="verify")
+    out = run(model, audio, lens, strategy="verify", compact=False)  # rows keep their index
     assert poisoned[0] == len(fed) > 0
     assert [d.tokens for d in out] == [d.tokens for d in greedy]
     for b, d in enumerate(out):
@@ -336,10 +338,10 @@ def test_rows_at_their_limit_stay_inside_the_cache(kind, heads, eos, monkeypatch
     options = DecodingOptions(strategy="verify", num_heads=heads)
 
     def verify(audio, lens, durations) -> list[Decoded]:
-        with torch.inference_mode():
+        with torch.inference_mode():  # finished rows stay (worst case) and keep their index
             return decode(
                 model, get_strategy(options), audio, lens, durations, eos_id=eos, pad_id=PAD,
-                max_seq_len=MAX_LEN,
+                max_seq_len=MAX_LEN, compact=False,
             )  # fmt: skip
 
     over = _cache_bound_spy(model, LENS, limits, monkeypatch)
@@ -352,3 +354,25 @@ def test_rows_at_their_limit_stay_inside_the_cache(kind, heads, eos, monkeypatch
     for b, m in enumerate(LENS):  # and the cut changes nothing about what a row emits
         alone = verify(audio[b : b + 1, :m], lens[b : b + 1], durations[b : b + 1])[0]
         assert (alone.tokens, alone.decoder_calls) == (out[b].tokens, out[b].decoder_calls)
+
+
+@pytest.mark.parametrize("mode", ["exact", "topk"])
+def test_compaction_changes_no_result(fitted, mode, monkeypatch):
+    """Dropping finished rows (cache rows, ``layer`` heads' cache layers and the pending
+    proposals with them) leaves every row's tokens, calls and histogram as they were."""
+    model, audio, lens = fitted
+    opts = {"strategy": "verify", "verify": mode, "topk": 2}
+    full = run(model, audio, lens, compact=False, **opts)
+    widths: list[int] = []
+    real_step = model.step
+
+    def spy(tokens, cache, tree_mask=None, num_heads=None):
+        widths.append(tokens.shape[0])
+        return real_step(tokens, cache, tree_mask, num_heads)
+
+    monkeypatch.setattr(model, "step", spy)
+    compacted = run(model, audio, lens, **opts)
+    assert [(d.tokens, d.decoder_calls, d.accepted_per_call) for d in compacted] == [
+        (d.tokens, d.decoder_calls, d.accepted_per_call) for d in full
+    ]
+    assert widths[0] == len(LENS) and widths[-1] < len(LENS)

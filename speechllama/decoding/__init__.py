@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from speechllama.decoding.base import Strategy
 
 # Modules of this package that are not strategies.
-_NOT_STRATEGIES = frozenset({"base", "options", "tree_shape"})
+_NOT_STRATEGIES = frozenset({"base", "options", "state", "tree_shape"})
 
 __all__ = [
     "DecodingOptions",

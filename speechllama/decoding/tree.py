@@ -82,7 +82,8 @@ class TreeDecoder(Strategy):
     of the level above (Cartesian product, pruned to ``options.tree_max_nodes`` by rank sum:
     see :func:`build_tree`). The levels used are capped by the heads the prefill returns (K, or
     ``options.num_heads``): L = min(len(tree), n - 1), so a single-head model decodes greedily
-    (one token per call) rather than failing. Per-batch state lives in ``state.scratch``.
+    (one token per call) rather than failing. Per-batch state lives in ``state.scratch`` (per
+    row) and ``state.shared`` (the tree).
     """
 
     name = "tree"
@@ -117,12 +118,12 @@ class TreeDecoder(Strategy):
         tree = _Tree.build(shape, logits.device)
         first = logits[:, 0, 0].argmax(dim=-1)  # (B,)
         state.accept_blocks(first[:, None], torch.ones_like(first))
-        state.scratch["tree"] = tree
+        state.shared["tree"] = tree
         state.scratch["last"] = first
         state.scratch["proposals"] = tree.propose(logits[:, 0])
 
     def advance(self, model: DecoderModel, cache: Any, state: DecodingState) -> None:
-        tree: _Tree = state.scratch["tree"]
+        tree: _Tree = state.shared["tree"]
         last: torch.Tensor = state.scratch["last"]  # (B,) last kept token, not in the cache
         proposals: torch.Tensor = state.scratch["proposals"]  # (B, L, R)
         L = tree.shape.depth
