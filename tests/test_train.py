@@ -28,7 +28,13 @@ from speechllama.train import loop
 from speechllama.train.cache import EncoderCache, fingerprint
 from speechllama.train.config import TrainConfig
 from speechllama.train.data import load_wave
-from speechllama.train.losses import IGNORE, ctc_loss, head_targets, multi_token_loss
+from speechllama.train.losses import (
+    IGNORE,
+    ctc_loss,
+    head_accuracy_counts,
+    head_targets,
+    multi_token_loss,
+)
 from speechllama.train.schedule import build_scheduler, warmup_cosine
 
 # --- losses -------------------------------------------------------------------------------------
@@ -80,6 +86,29 @@ def test_positions_beyond_eos_do_not_contribute() -> None:
     noisy[0, 3:] = 1e4 * torch.randn_like(noisy[0, 3:])
     noisy[0, 2, 1] = 1e4
     assert float(multi_token_loss(noisy, labels, lens).total) == pytest.approx(loss.item())
+
+
+def test_head_accuracy_scores_exactly_the_loss_positions() -> None:
+    # y = (5, 6) and y = (7,), EOS = 2, pad = 0. Head 0 targets: row 0 -> 5 6 2, row 1 -> 7 2;
+    # head 1 targets: row 0 -> 6 2 (position 2 has none), row 1 -> 2 (positions 1, 2 none).
+    labels = torch.tensor([[5, 6, 2], [7, 2, 0]])
+    lens = torch.tensor([3, 2])
+    logits = torch.zeros(2, 3, 2, 9)
+
+    def pick(b: int, u: int, k: int, token: int) -> None:
+        logits[b, u, k, token] = 1.0
+
+    pick(0, 0, 0, 5), pick(0, 1, 0, 4), pick(0, 2, 0, 2)  # head 0 row 0: right, wrong, right
+    pick(1, 0, 0, 8), pick(1, 1, 0, 2)  # head 0 row 1: wrong, right (EOS counts)
+    pick(0, 0, 1, 6), pick(0, 1, 1, 6), pick(1, 0, 1, 2)  # head 1: right, wrong, right
+    # Traps on positions without a target: a hit there must not count.
+    pick(0, 2, 1, 2)  # head 1 past the end predicting EOS again
+    pick(1, 2, 0, 0)  # head 0 on padding predicting the pad id the labels hold there
+    pick(1, 1, 1, 0)
+    correct, scored = head_accuracy_counts(logits, labels, lens)
+    assert scored.tolist() == [5, 3]  # the counts multi_token_loss averages over
+    assert scored.tolist() == multi_token_loss(logits, labels, lens).tokens.tolist()
+    assert correct.tolist() == [3, 2]
 
 
 def test_single_head_equals_plain_cross_entropy_and_bf16_upcast() -> None:
@@ -320,6 +349,48 @@ def test_encoder_cache_matches_the_encoder_and_keeps_augmented_copies(
     other = build_encoder(dataclasses.replace(preset("tiny", 24).encoder, frozen=True))
     assert fingerprint(other, {"f": "fbank"}) != fingerprint(enc, {"f": "fbank"})
     assert fingerprint(enc, {"f": "whisper"}) != fingerprint(enc, {"f": "fbank"})
+
+
+def test_validate_reports_each_heads_accuracy_on_the_loss_positions(
+    corpus: tuple[Path, Path],
+) -> None:
+    from speechllama.model.config import HeadsConfig
+    from speechllama.train.data import SpeechDataset, collate
+    from speechllama.train.step import compute_loss
+    from speechllama.train.validate import validate
+
+    tok = Tokenizer.load(corpus[1])
+    torch.manual_seed(0)
+    cfg = preset("tiny", tok.vocab_size).replace(heads=HeadsConfig(kind="latent", num_heads=3))
+    model = SpeechLLaMA(cfg)
+    utts = load_manifest(corpus[0])
+    data = SpeechDataset(utts, tok)
+    batches = [collate([data[i] for i in rows]) for rows in ([0, 1, 2], [3, 4, 5, 6, 7])]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(10):  # a little training, so that the accuracies are not all 0
+        for batch in batches:
+            opt.zero_grad()
+            compute_loss(model, batch).total.backward()
+            opt.step()
+    texts = [u.text for u in utts]
+    out = validate(model, tok, batches, texts, ctc_weight=0.0, head_weights=(), bf16=False,
+                   max_utterances=2)  # fmt: skip
+    hits, scored = [0] * 3, [0] * 3
+    model.eval()
+    for i in range(len(utts)):  # one utterance at a time, position by position
+        one = collate([data[i]])
+        with torch.no_grad():
+            emb, lens = model.encode(one.inputs, one.input_lens)
+            logits = model(emb, lens, one.tokens, one.label_lens)
+        target = data.targets[i]  # y EOS
+        for u, k in itertools.product(range(len(target)), range(3)):
+            if u + k < len(target):
+                scored[k] += 1
+                hits[k] += int(logits[0, u, k].argmax()) == target[u + k]
+    expected = [h / n for h, n in zip(hits, scored, strict=True)]
+    assert out["dev_head_acc"] == pytest.approx(expected)
+    assert len(set(expected)) == 3 and min(expected) > 0, expected  # non-trivial
+    assert out["dev_utterances"] == 2 and len(out["examples"]) == 2
 
 
 def test_cli_parses_augment_and_refuses_heads_with_init() -> None:

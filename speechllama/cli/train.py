@@ -163,7 +163,7 @@ def parse_augment(items: list[str] | None) -> dict[str, Any] | None:
 
 def _run(args: argparse.Namespace) -> int:
     from speechllama.train.config import TrainConfig
-    from speechllama.train.loop import train
+    from speechllama.train.loop import dev_line, train
 
     cfg = TrainConfig(
         train_manifest=args.train,
@@ -214,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
         f"({result.audio_h_per_h:.1f} audio-h per h), final train loss {result.train_loss:.4f}"
     )
     if result.dev:
-        print(f"dev loss {result.dev['dev_loss']:.4f}, dev WER {100 * result.dev['dev_wer']:.2f}%")
+        print(dev_line(result.dev))
     print(f"last checkpoint: {result.last_checkpoint}")
     if result.best_checkpoint:
         print(f"best checkpoint: {result.best_checkpoint}")

@@ -2,9 +2,10 @@
 
 One optimizer step = ``grad_accum`` micro-batches from the duration-bucketing sampler, AdamW with
 warmup + cosine, gradient clipping, bf16 autocast for the model (losses in fp32). Every
-``eval_every`` steps: dev loss and greedy WER; every ``save_every`` steps: an atomic checkpoint
-directory ``OUT/step-NNNNNNNN`` with the training state (the last ``keep_last`` are kept), plus
-``OUT/best`` whenever the dev WER improves. Metrics go to ``OUT/metrics.jsonl``.
+``eval_every`` steps: dev loss, per-head top-1 accuracy (``dev_head_acc``) and greedy WER; every
+``save_every`` steps: an atomic checkpoint directory ``OUT/step-NNNNNNNN`` with the training
+state (the last ``keep_last`` are kept), plus ``OUT/best`` whenever the dev WER improves.
+Metrics go to ``OUT/metrics.jsonl``.
 
 Resumption (``resume``) restarts from the newest complete ``step-*`` checkpoint: weights,
 optimizer, schedule, torch RNG and the sampler position ``(epoch, batches_done)``, so the run
@@ -231,10 +232,7 @@ class Trainer:
                 if data.dev_batches and (self.step % cfg.eval_every == 0 or final):
                     last_dev = self._evaluate()
                     self._pin_frozen()  # evaluation put the whole model back in train mode
-                    bar.write(
-                        f"step {self.step}: dev loss {last_dev['dev_loss']:.3f} "
-                        f"WER {100 * last_dev['dev_wer']:.1f}%"
-                    )
+                    bar.write(f"step {self.step}: {dev_line(last_dev)}")
                 if self.step % cfg.save_every == 0 or final:
                     self._save_step()
                     last_saved = self.step
@@ -403,6 +401,13 @@ class Trainer:
             },
             dev=self.best or None,
         )
+
+
+def dev_line(dev: dict[str, Any]) -> str:
+    """One line for a validation result: loss, WER and each head's top-1 accuracy (%)."""
+    acc = "/".join(f"{100 * a:.1f}" for a in dev.get("dev_head_acc", ()))
+    line = f"dev loss {dev['dev_loss']:.3f} WER {100 * dev['dev_wer']:.1f}%"
+    return f"{line} head acc {acc}%" if acc else line
 
 
 def _remove_stale_tmp(out: Path) -> None:

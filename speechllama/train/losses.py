@@ -1,4 +1,5 @@
-"""Training losses: cross-entropy over K multi-token heads, and the auxiliary CTC loss.
+"""Training losses: cross-entropy over K multi-token heads, the auxiliary CTC loss, and the
+per-head top-1 accuracy scored on the same positions.
 
 Layout (shared with :meth:`SpeechLLaMA.forward`): the decoder reads ``tokens`` = [BOS] y_1..y_n
 (U = n + 1 positions) and ``logits[:, u, k]`` predicts token ``u + k + 1`` of [BOS] y EOS. With
@@ -70,6 +71,21 @@ def multi_token_loss(
     means = ce.sum(dim=(0, 1)) / counts.clamp(min=1)
     total = (means * torch.tensor(w, dtype=means.dtype, device=means.device)).sum()
     return HeadLoss(total=total, per_head=means.detach(), tokens=counts)
+
+
+def head_accuracy_counts(
+    logits: torch.Tensor, labels: torch.Tensor, label_lens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 hits of each head on exactly the positions :func:`multi_token_loss` scores.
+
+    logits (B, U, K, V), labels (B, U) = y EOS right-padded, label_lens (B,) -> (correct (K,),
+    scored (K,)) as long tensors: head k is right at position u when its argmax equals
+    ``labels[u + k]`` (EOS included), and scored only while that target exists. Counts, not
+    fractions, so callers can pool them over batches of any size."""
+    targets = head_targets(labels, label_lens, logits.shape[2])
+    valid = targets != IGNORE
+    hits = (logits.argmax(-1) == targets) & valid
+    return hits.sum(dim=(0, 1)), valid.sum(dim=(0, 1))
 
 
 def ctc_loss(

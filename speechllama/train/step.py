@@ -13,19 +13,23 @@ from dataclasses import dataclass
 import torch
 
 from speechllama.train.data import Batch
-from speechllama.train.losses import ctc_loss, multi_token_loss
+from speechllama.train.losses import ctc_loss, head_accuracy_counts, multi_token_loss
 
 
 @dataclass(frozen=True)
 class StepLoss:
     """``total`` = (1 - ctc_weight) * ce + ctc_weight * ctc, differentiable; the rest detached.
-    ``per_head`` (K,) token-mean CE of each head; ``tokens`` target tokens of head 1."""
+    ``per_head`` (K,) token-mean CE of each head; ``tokens`` target tokens of head 1.
+    ``correct``/``scored`` (K,): top-1 hits and scored positions of each head (only when
+    asked for: the argmax over the vocabulary is not free)."""
 
     total: torch.Tensor
     ce: float
     ctc: float
     per_head: tuple[float, ...]
     tokens: int
+    correct: tuple[int, ...] = ()
+    scored: tuple[int, ...] = ()
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -70,8 +74,10 @@ def compute_loss(
     head_weights: tuple[float, ...] = (),
     bf16: bool = False,
     spec_augment: torch.nn.Module | None = None,
+    accuracy: bool = False,
 ) -> StepLoss:
-    """Forward ``batch`` through ``model`` (a SpeechLLaMA) and return its losses."""
+    """Forward ``batch`` through ``model`` (a SpeechLLaMA) and return its losses; with
+    ``accuracy`` also each head's top-1 hit counts (see ``head_accuracy_counts``)."""
     device = batch.tokens.device
     with autocast(device, bf16):
         emb, emb_lens, hidden, hidden_lens = embed(model, batch, spec_augment)
@@ -84,10 +90,17 @@ def compute_loss(
         ctc = ctc_loss(ctc_logits, hidden_lens, batch.ctc_targets, batch.ctc_lens, blank=0)
         total = (1.0 - ctc_weight) * total + ctc_weight * ctc
         ctc_value = float(ctc.detach())
+    correct: tuple[int, ...] = ()
+    scored: tuple[int, ...] = ()
+    if accuracy:
+        hits, counts = head_accuracy_counts(logits.detach(), batch.labels, batch.label_lens)
+        correct, scored = tuple(hits.tolist()), tuple(counts.tolist())
     return StepLoss(
         total=total,
         ce=float(ce.total.detach()),
         ctc=ctc_value,
         per_head=tuple(float(x) for x in ce.per_head),
         tokens=int(ce.tokens[0]),
+        correct=correct,
+        scored=scored,
     )
