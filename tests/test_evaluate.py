@@ -1,17 +1,29 @@
-"""Evaluation: WER arithmetic on a hand example, summary keys and sums, the output files, and
-failed utterances kept out of the score but counted."""
+"""Evaluation: WER arithmetic on a hand example, summary keys and sums, the output files,
+failed utterances kept out of the score but counted, and each head's teacher-forced accuracy
+against a position-by-position reference."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from test_transcribe import make_checkpoint, write_wav
 
-from speechllama import DecodingResult, load_model
+from speechllama import DecodingOptions, DecodingResult, load_model
+from speechllama.audio import load_audio
+from speechllama.checkpoint import save_checkpoint
+from speechllama.cli import main
+from speechllama.data.manifest import load_manifest
 from speechllama.evaluate import evaluate_manifest, evaluate_results, summarize
+from speechllama.features import compute_features
+from speechllama.model.config import HeadsConfig, preset
+from speechllama.model.speechllama import SpeechLLaMA
+from speechllama.text import target_ids
+from speechllama.train.data import SpeechDataset, collate
+from speechllama.train.step import compute_loss
 
 torch.set_num_threads(1)
 
@@ -120,3 +132,103 @@ def test_limit_and_in_memory_utterances(model, manifest, tmp_path):
     summary = evaluate_manifest(model, utts, limit=2)
     assert summary["utterances"] == 2 and summary["failed"] == 0
     assert summary["words"] == 2 + 4
+
+
+# --- teacher-forced per-head accuracy -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, manifest) -> Path:
+    """A K = 2 projection model overfit a little on the manifest's decodable utterances, so its
+    heads' accuracies are neither 0 nor 1 and differ."""
+    root = tmp_path_factory.mktemp("trained")
+    tok = load_model(make_checkpoint(root)).tokenizer
+    torch.manual_seed(0)
+    cfg = preset("tiny", tok.vocab_size).replace(heads=HeadsConfig(kind="projection", num_heads=2))
+    model = SpeechLLaMA(cfg)
+    utts = [
+        u for u in load_manifest(manifest, check_audio=False) if Path(u.audio_filepath).exists()
+    ]
+    data = SpeechDataset(utts, tok)
+    batch = collate([data[i] for i in range(len(data))])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(25):
+        loss = compute_loss(model, batch).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_checkpoint(model.eval(), tok, root / "k2")
+
+
+def _decodable(manifest: Path) -> list:
+    return [
+        u for u in load_manifest(manifest, check_audio=False) if Path(u.audio_filepath).exists()
+    ]
+
+
+def _reference_head_accuracy(transcriber, utts) -> tuple[list[int], list[int]]:
+    """Hits and scored positions per head, one utterance at a time, position by position."""
+    model = transcriber.model
+    hits, scored = [0, 0], [0, 0]
+    for utt in utts:
+        ids = target_ids(utt.text, transcriber.tokenizer)  # y EOS
+        feats = compute_features(load_audio(utt.audio_filepath), "fbank", 80)[None]
+        with torch.no_grad():
+            emb, lens = model.encode(feats, torch.tensor([feats.shape[1]]))
+            tokens = torch.tensor([[1, *ids[:-1]]])  # BOS y
+            logits = model(emb, lens, tokens, torch.tensor([len(ids)]))
+        for u in range(len(ids)):  # input position u reads BOS y_1 .. y_u
+            for k in range(2):  # head k + 1 predicts the token k + 1 places ahead
+                if u + k < len(ids):
+                    scored[k] += 1
+                    hits[k] += int(logits[0, u, k].argmax()) == ids[u + k]
+    return hits, scored
+
+
+def test_head_accuracy_is_the_teacher_forced_hit_rate_of_each_head(trained, manifest):
+    model = load_model(trained)
+    utts = [
+        u for u in load_manifest(manifest, check_audio=False) if Path(u.audio_filepath).exists()
+    ]
+    hits, scored = _reference_head_accuracy(model, utts)
+    for batch_size in (1, 3):  # padding in a batch must not change a thing
+        s = evaluate_manifest(model, manifest, DecodingOptions(batch_size=batch_size))
+        assert s["head_accuracy_tokens"] == scored
+        assert s["head_accuracy"] == pytest.approx(
+            [h / n for h, n in zip(hits, scored, strict=True)]
+        )
+        assert s["head_accuracy_skipped"] == []  # the missing file failed; it is not "skipped"
+    accuracy = s["head_accuracy"]
+    assert all(0 < a < 1 for a in accuracy) and accuracy[0] != accuracy[1], accuracy  # non-trivial
+    # y EOS of the three references: 2 + 4 + 1 words, each head scores one fewer per utterance
+    lengths = [len(target_ids(u.text, model.tokenizer)) for u in utts]
+    assert scored == [sum(lengths), sum(lengths) - len(lengths)]
+    assert "head_accuracy" not in evaluate_manifest(model, utts, head_accuracy=False)
+
+
+def test_evaluate_command_reports_head_accuracy_and_notes_untokenisable_references(
+    trained, manifest, tmp_path, capsys
+):
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()][:3]
+    copy = shutil.copy(rows[0]["audio_filepath"], tmp_path / "cafe.wav")
+    rows.append({**rows[0], "audio_filepath": str(copy), "text": "café au lait"})  # é: <unk>
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    code = main(["evaluate", str(path), "--model", str(trained), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["head_accuracy"]) == 2 and summary["utterances"] == 4
+    skipped = summary["head_accuracy_skipped"]
+    assert [s["audio_filepath"] for s in skipped] == [str(copy)]
+    assert "<unk>" in skipped[0]["reason"]
+    assert "not in head_accuracy" in captured.err and "cafe.wav" in captured.err
+    acc = "/".join(f"{100 * a:.1f}" for a in summary["head_accuracy"])
+    assert f"head acc {acc}%" in captured.out
+    # the three tokenisable references score exactly as on their own
+    alone = evaluate_manifest(load_model(trained), manifest)
+    assert summary["head_accuracy_tokens"] == alone["head_accuracy_tokens"]
+    assert main(["evaluate", str(path), "--model", str(trained), "--out", str(out),
+                 "--no-head-accuracy"]) == 0  # fmt: skip
+    assert "head_accuracy" not in json.loads((out / "summary.json").read_text())

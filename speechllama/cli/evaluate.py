@@ -1,6 +1,7 @@
 """``speechllama evaluate MANIFEST --out DIR``: WER and cost of a model on a NeMo manifest.
 
-Writes DIR/hypotheses.jsonl (as utterances finish), DIR/alignments.txt and DIR/summary.json,
+Writes DIR/hypotheses.jsonl (as utterances finish), DIR/alignments.txt and DIR/summary.json
+(with each head's teacher-forced top-1 accuracy, ``head_accuracy``, unless --no-head-accuracy),
 and prints a one-line summary. Utterances whose audio fails print one error line each, are left
 out of the WER, and make the exit code 1.
 """
@@ -31,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("manifest", type=Path, metavar="MANIFEST", help="NeMo JSONL manifest")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N utterances")
+    p.add_argument(
+        "--head-accuracy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score each head's top-1 accuracy teacher-forced on the references "
+        "(summary key head_accuracy; one more untimed model pass) (default: on)",
+    )
     add_model_args(p)
     add_decoding_args(p)
     p.set_defaults(func=run)
@@ -49,12 +57,26 @@ def run(args: argparse.Namespace) -> int:
             print(f"{_PROG}: error: {result.error}", file=sys.stderr, flush=True)
 
     s = evaluate_manifest(
-        model, args.manifest, options, out_dir=args.out, limit=args.limit, on_result=report
+        model,
+        args.manifest,
+        options,
+        out_dir=args.out,
+        limit=args.limit,
+        on_result=report,
+        head_accuracy=args.head_accuracy,
     )
+    for skip in s.get("head_accuracy_skipped", ()):
+        print(
+            f"{_PROG}: note: {skip['audio_filepath']}: not in head_accuracy: {skip['reason']}",
+            file=sys.stderr,
+        )
+    heads = ""
+    if "head_accuracy" in s:
+        heads = "head acc " + "/".join(f"{100 * a:.1f}" for a in s["head_accuracy"]) + "% | "
     print(
         f"WER {100 * s['wer']:.2f}% (S={s['substitutions']} D={s['deletions']} "
         f"I={s['insertions']} N={s['words']}) on {s['utterances']} utterances | "
-        f"{s['calls_per_utt']:.1f} calls/utt, {s['tokens_per_call']:.2f} tokens/call | "
+        f"{s['calls_per_utt']:.1f} calls/utt, {s['tokens_per_call']:.2f} tokens/call | {heads}"
         f"RTF {s['rtf']:.4f} (encoder {s['encoder_rtf']:.4f}, decoder {s['decoder_rtf']:.4f}) "
         f"| {args.out / 'summary.json'}"
     )
