@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,19 @@ def fingerprint(encoder: torch.nn.Module, parts: dict[str, Any]) -> str:
     return h.hexdigest()[:20]
 
 
+def duration_batches(durations: Sequence[float], batch_seconds: float) -> Iterator[tuple[int, int]]:
+    """Consecutive (start, stop) runs of ``durations`` holding at most ``batch_seconds`` each
+    (at least one item): sorted work batched so that padding stays small."""
+    start = 0
+    while start < len(durations):
+        stop, total = start, 0.0
+        while stop < len(durations) and (stop == start or total + durations[stop] <= batch_seconds):
+            total += durations[stop]
+            stop += 1
+        yield start, stop
+        start = stop
+
+
 def _copy_rng(seed: int, copy: int, utt: Any) -> np.random.Generator:
     digest = hashlib.sha1(f"{utt.audio_filepath}@{getattr(utt, 'offset', 0.0)}".encode()).digest()
     return np.random.default_rng([seed, copy, int.from_bytes(digest[:8], "little")])
@@ -99,13 +112,19 @@ class EncoderCache:
     def __len__(self) -> int:
         return len(self._index)
 
+    what = "encoder cache"
+
+    def key(self, utt: Any, copy: int) -> str:
+        """Name of ``utt``'s copy ``copy`` in the shards (a subclass may hash more into it)."""
+        return entry_key(utt, copy)
+
     def get(self, utt: Any, copy: int = 0) -> torch.Tensor:
         """Cached output (T', d_enc) fp16 of utterance ``utt``'s copy ``copy``."""
-        key = entry_key(utt, copy)
+        key = self.key(utt, copy)
         shard = self._index.get(key)
         if shard is None:
             raise CacheError(
-                f"{utt.audio_filepath}: copy {copy} is not in the encoder cache {self.dir}"
+                f"{utt.audio_filepath}: copy {copy} is not in the {self.what} {self.dir}"
             )
         handle = self._handles.get(shard)
         if handle is None:
@@ -121,7 +140,7 @@ class EncoderCache:
             (i, c)
             for i, u in enumerate(utterances)
             for c in range(self.copies if copies is None else copies)
-            if entry_key(u, c) not in self._index
+            if self.key(u, c) not in self._index
         ]
 
     def build(
@@ -153,14 +172,9 @@ class EncoderCache:
         bar = tqdm(
             total=len(todo), desc="caching encoder outputs", unit="utt", disable=not progress
         )
-        start = 0
-        while start < len(todo):
-            stop, total = start, 0.0
-            while stop < len(todo) and (
-                stop == start or total + utterances[todo[stop][0]].duration <= batch_seconds
-            ):
-                total += utterances[todo[stop][0]].duration
-                stop += 1
+        for start, stop in duration_batches(
+            [utterances[i].duration for i, _ in todo], batch_seconds
+        ):
             feats = []
             for i, copy in todo[start:stop]:
                 wave = load_wave(utterances[i])
@@ -172,19 +186,19 @@ class EncoderCache:
                 padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
                 hidden, out_lens = encode(padded, lens)
             for (i, copy), h, n in zip(todo[start:stop], hidden, out_lens.tolist(), strict=True):
-                key = entry_key(utterances[i], copy)
+                key = self.key(utterances[i], copy)
                 pending[key] = h[:n].to(torch.float16).cpu().contiguous().clone()
             if len(pending) >= shard_size:
-                self._flush(pending)
+                self.add(pending)
                 pending = {}
             bar.update(stop - start)
-            start = stop
         if pending:
-            self._flush(pending)
+            self.add(pending)
         bar.close()
         return len(todo)
 
-    def _flush(self, tensors: dict[str, torch.Tensor]) -> None:
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write ``tensors`` (named by :meth:`key`) as one new shard, atomically."""
         shard = self.dir / f"{SHARD_PREFIX}{self._next_shard:05d}.safetensors"
         tmp = shard.with_name(f".{shard.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp))
