@@ -194,8 +194,11 @@ WORDS = [
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def make_corpus(root: Path) -> tuple[Path, Path]:
     """Eight short tone clips with two-word transcripts, a manifest and a tokenizer."""
-    root = tmp_path_factory.mktemp("corpus")
     rows = []
     for i, text in enumerate(WORDS):
         seconds = 0.4 + 0.08 * i
@@ -430,11 +433,24 @@ def test_init_expands_heads_and_freeze_trains_only_the_heads(
     for name in old:
         if name.split(".")[0] in ("encoder", "adapter", "decoder"):
             assert torch.equal(old[name], new[name]), name
-    # The heads trained: the latent maps left their identity start, the shared output layer
-    # (seeded from the base model's) moved.
+    # Heads 2 and 3 trained (their latent maps left the identity); head 1 (the shared output
+    # layer, seeded from the base model's, and A_1) is frozen in heads-only training.
     d = base.config.decoder.d_model
-    assert not torch.equal(new["heads.maps"], torch.eye(d).repeat(3, 1))
-    assert not torch.equal(new["heads.proj.weight"], old["heads.proj.weight"])
+    assert not torch.equal(new["heads.maps"][d:], torch.eye(d).repeat(2, 1))
+    assert torch.equal(new["heads.maps"][:d], torch.eye(d))
+    assert torch.equal(new["heads.proj.weight"], old["heads.proj.weight"])
+    assert doc["training"]["train_config"]["train_head_one"] is None
+    # --train-head-one: head 1 trains with the others.
+    code = main([
+        "train", "--train", str(corpus[0]), "--init", str(init), "--out", str(tmp_path / "h1"),
+        "--heads", "3", "--head-kind", "latent", "--freeze", "encoder", "adapter", "decoder",
+        "--train-head-one", "--max-steps", "2", "--max-duration", "3", "--warmup", "1",
+        "--lr", "1e-2", "--threads", "1", "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    again = load_checkpoint(tmp_path / "h1" / "step-00000002")[0].state_dict()
+    assert not torch.equal(again["heads.proj.weight"], old["heads.proj.weight"])
+    assert not torch.equal(again["heads.maps"][:d], torch.eye(d))
 
 
 def test_dataset_augmentation_is_a_function_of_seed_epoch_and_index(

@@ -15,6 +15,9 @@ _EPILOG = """examples:
       --preset small --text data/text.txt --max-steps 20000    # same options, continue
   speechllama train --train data/train.jsonl --init exp/small/best --heads 4 \\
       --head-kind latent --out exp/mtp4 --lr 3e-4
+  speechllama train --train data/train.jsonl --dev data/dev.jsonl --init exp/small/best \\
+      --heads 4 --head-kind latent --freeze encoder adapter decoder --out exp/heads4
+      # heads only: head 1 and the trunk stay as they are, the trunk runs once per utterance
 
 Writes OUT/step-NNNNNNNN/ checkpoints (the last --keep-last, with optimizer state for
 --resume), OUT/best/ (lowest dev WER), OUT/metrics.jsonl and OUT/tokenizer.model if trained."""
@@ -66,8 +69,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         choices=("encoder", "adapter", "decoder", "ctc_head"),
         metavar="PART",
-        help="parts not to train: encoder, adapter, decoder, ctc_head (all three of the first "
-        "three: heads only)",
+        help="parts not to train: encoder, adapter, decoder, ctc_head (the first three: "
+        "heads-only training, which keeps head 1 frozen and caches the trunk's hidden states)",
+    )
+    model.add_argument(
+        "--train-head-one",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train head 1 (the next-token output layer) too; default: frozen in heads-only "
+        "training (so greedy transcripts stay the same), trained otherwise",
+    )
+    model.add_argument(
+        "--hidden-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="heads-only training: cache the frozen trunk's final hidden states once and train "
+        "the heads on them without running the trunk (not for --head-kind layer; no "
+        "SpecAugment or CTC) (default: on)",
     )
 
     opt = p.add_argument_group("optimisation")
@@ -163,7 +181,8 @@ def parse_augment(items: list[str] | None) -> dict[str, Any] | None:
 
 def _run(args: argparse.Namespace) -> int:
     from speechllama.train.config import TrainConfig
-    from speechllama.train.loop import dev_line, train
+    from speechllama.train.loop import train
+    from speechllama.train.metrics import dev_line
 
     cfg = TrainConfig(
         train_manifest=args.train,
@@ -178,6 +197,8 @@ def _run(args: argparse.Namespace) -> int:
         head_kind=args.head_kind,
         head_loss_weights=tuple(args.head_loss_weights) if args.head_loss_weights else None,
         freeze=tuple(args.freeze),
+        train_head_one=args.train_head_one,
+        hidden_cache=args.hidden_cache,
         seed=args.seed,
         max_steps=args.max_steps,
         epochs=args.epochs,

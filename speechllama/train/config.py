@@ -26,7 +26,11 @@ class TrainConfig:
     the ``text`` files (or on the training transcripts). ``num_heads``/``head_kind``/
     ``head_loss_weights`` override the model's multi-token heads (None: keep them). ``freeze``
     names parts (encoder, adapter, decoder, ctc_head) that get no gradient; a frozen encoder's
-    outputs are cached like a pretrained one's.
+    outputs are cached like a pretrained one's. Freezing encoder, adapter and decoder is
+    heads-only training: head 1 stays frozen too unless ``train_head_one`` (None: frozen exactly
+    when the trunk is; see ``train/freeze.py``), and with ``cache`` and ``hidden_cache`` the
+    trunk's final hidden states are cached once and the heads train on them alone (position-wise
+    head kinds only; no SpecAugment, no CTC; see ``train/hidden.py``).
     ``max_duration`` is the audio seconds per micro-batch; an optimizer step sees
     ``grad_accum`` micro-batches. ``total_steps`` (the schedule's length) is ``max_steps`` when
     given, else ``epochs`` passes over the data. ``ctc_weight`` None means 0.3 when the model
@@ -46,6 +50,8 @@ class TrainConfig:
     head_kind: str | None = None
     head_loss_weights: tuple[float, ...] | None = None
     freeze: tuple[str, ...] = ()
+    train_head_one: bool | None = None
+    hidden_cache: bool = True
     seed: int = 0
     max_steps: int | None = None
     epochs: int = 10

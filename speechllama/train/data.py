@@ -41,7 +41,9 @@ WaveAugment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 class Batch:
     """One padded micro-batch.
 
-    inputs (B, T, F): log-mel features, or encoder outputs when ``encoded``; input_lens (B,);
+    inputs (B, T, F): log-mel features, or encoder outputs when ``encoded``, or when ``hidden``
+    the frozen decoder's final hidden states at the text positions (B, U, d) (heads-only
+    training, see ``train/hidden.py``); input_lens (B,);
     tokens (B, U) = [BOS] y; labels (B, U) = y EOS; label_lens (B,) = len(y) + 1;
     ctc_targets (B, L) = y; ctc_lens (B,); durations in seconds; indices into the dataset."""
 
@@ -55,10 +57,17 @@ class Batch:
     durations: list[float]
     indices: list[int]
     encoded: bool = False
+    hidden: bool = False
 
     def to(self, device: torch.device | str) -> Batch:
         move = {name: getattr(self, name).to(device, non_blocking=True) for name in _TENSOR_FIELDS}
-        return Batch(**move, durations=self.durations, indices=self.indices, encoded=self.encoded)
+        return Batch(
+            **move,
+            durations=self.durations,
+            indices=self.indices,
+            encoded=self.encoded,
+            hidden=self.hidden,
+        )
 
     @property
     def audio_seconds(self) -> float:
@@ -131,8 +140,11 @@ class SpeechDataset(torch.utils.data.Dataset):
         }
 
 
-def collate(examples: Sequence[dict[str, Any]], encoded: bool = False) -> Batch:
-    """Pad a list of examples into a :class:`Batch` (inputs with zeros, ids with the pad id)."""
+def collate(
+    examples: Sequence[dict[str, Any]], encoded: bool = False, hidden: bool = False
+) -> Batch:
+    """Pad a list of examples into a :class:`Batch` (inputs with zeros, ids with the pad id);
+    ``encoded``/``hidden`` say what the inputs are (see :class:`Batch`)."""
     inputs = [e["inputs"] for e in examples]
     targets = [torch.tensor(e["target"], dtype=torch.long) for e in examples]
     y = [t[:-1] for t in targets]  # drop EOS
@@ -153,4 +165,5 @@ def collate(examples: Sequence[dict[str, Any]], encoded: bool = False) -> Batch:
         durations=[float(e["duration"]) for e in examples],
         indices=[int(e["index"]) for e in examples],
         encoded=encoded,
+        hidden=hidden,
     )

@@ -18,7 +18,6 @@ data loading included, evaluation and checkpoint writing excluded.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -37,6 +36,8 @@ from speechllama.data.sampler import DurationBucketSampler
 from speechllama.train.build import build_model, provenance, resolve_tokenizer
 from speechllama.train.config import TrainConfig
 from speechllama.train.data import Batch, collate
+from speechllama.train.freeze import plan_run
+from speechllama.train.metrics import MetricsLog, dev_line
 from speechllama.train.schedule import build_scheduler
 from speechllama.train.setup import prepare_data
 from speechllama.train.step import compute_loss
@@ -55,21 +56,6 @@ class TrainResult:
     audio_hours: float
     audio_h_per_h: float
     dev: dict[str, Any] | None
-
-
-class MetricsLog:
-    """Append-only JSONL; one object per line, flushed so a crash loses nothing written."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
-
-    def write(self, event: str, **values: Any) -> None:
-        self._f.write(json.dumps({"event": event, **values}) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -109,15 +95,19 @@ class Trainer:
         else:
             model, tokenizer = self._fresh_model()
         self.model, self.tokenizer = model, tokenizer
-        mcfg = model.config
-        self.ctc_weight = cfg.ctc_weight if cfg.ctc_weight is not None else 0.3 * mcfg.ctc
-        if self.ctc_weight > 0 and not mcfg.ctc:
-            raise ValueError("--ctc-weight needs a model with a CTC head (this one has none)")
-        self.head_weights = tuple(mcfg.heads.loss_weights)
         model.to(self.device).train()
-        self._freeze(cfg.freeze)
+        plan = plan_run(cfg, model)
+        self.pin, self.ctc_weight = plan.pin, plan.ctc_weight
+        self.head_weights = tuple(model.config.heads.loss_weights)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(
+                "nothing to train: every parameter is frozen (heads-only training of a "
+                "next-token model freezes its one head; add heads with --heads K)"
+            )
 
-        self.data = prepare_data(cfg, model, tokenizer, self.device, out)
+        self.data = prepare_data(cfg, model, tokenizer, self.device, out, hidden=plan.hidden)
+        self._pin_frozen()  # building caches may have changed train/eval modes
         self.sampler = DurationBucketSampler(
             self.data.train.durations,
             cfg.max_duration,
@@ -128,7 +118,6 @@ class Trainer:
         per_epoch = max(1, math.ceil(len(self.sampler.epoch_batches(0)) / cfg.grad_accum))
         self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
 
-        self.params = [p for p in model.parameters() if p.requires_grad]
         # Weight decay on matrices only: decaying gains and biases pulls them to 0 for nothing.
         self.optimizer = torch.optim.AdamW(
             [
@@ -164,17 +153,6 @@ class Trainer:
                 setattr(self, key, state[key])
             self.best = state.get("best") or {}
         self.log = MetricsLog(out / "metrics.jsonl")
-
-    def _freeze(self, parts: tuple[str, ...]) -> None:
-        """No gradients for ``parts``, and eval mode (no dropout) for them from now on."""
-        for part in parts:
-            module = getattr(self.model, part, None)
-            if module is None:
-                raise ValueError(f"--freeze {part}: this model has no {part}")
-            if hasattr(module, "freeze"):
-                module.freeze()  # an encoder pins its own eval mode
-            module.requires_grad_(False)
-        self._pin_frozen()
 
     def _pin_frozen(self) -> None:
         for part in self.cfg.freeze:
@@ -212,6 +190,8 @@ class Trainer:
             train_hours=sum(data.train.durations) / 3600,
             skipped=data.skipped,
             encoder_cache=data.cache_stats,
+            hidden_cache=data.hidden_stats,
+            head_one_frozen=self.pin is not None,
             params=sum(p.numel() for p in self.params),
             device=str(self.device),
             ctc_weight=self.ctc_weight,
@@ -265,14 +245,14 @@ class Trainer:
     def _micro_batches(self) -> Iterator[Batch]:
         """Micro-batches from the sampler position on, epoch after epoch, forever; the counters
         (epoch, batches_done) always say where the next batch comes from."""
-        encoded = self.data.cache is not None
+        encoded, hidden = self.data.cache is not None, self.data.hidden is not None
         self._mark = time.perf_counter()
         while True:
             self.data.train.set_epoch(self.epoch)
             loader = DataLoader(
                 self.data.train,
                 batch_sampler=self.sampler.epoch_batches(self.epoch)[self.batches_done :],
-                collate_fn=partial(collate, encoded=encoded),
+                collate_fn=partial(collate, encoded=encoded, hidden=hidden),
                 num_workers=self.cfg.num_workers,
                 # Its own generator: creating an iterator must not draw from the global RNG, or
                 # a resumed run (one more iterator) would get other dropout/SpecAugment masks.
@@ -309,6 +289,8 @@ class Trainer:
         self._accum = 0
         self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip or math.inf))
         self.optimizer.step()
+        if self.pin is not None:
+            self.pin.restore()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -349,6 +331,7 @@ class Trainer:
             head_weights=self.head_weights,
             bf16=self.cfg.bf16,
             max_utterances=self.cfg.eval_max_utterances,
+            decode_batches=self.data.dev_decode_batches,
         )
         self.log.write("eval", step=self.step, **metrics)
         key = (metrics["dev_wer"], metrics["dev_loss"])
@@ -401,13 +384,6 @@ class Trainer:
             },
             dev=self.best or None,
         )
-
-
-def dev_line(dev: dict[str, Any]) -> str:
-    """One line for a validation result: loss, WER and each head's top-1 accuracy (%)."""
-    acc = "/".join(f"{100 * a:.1f}" for a in dev.get("dev_head_acc", ()))
-    line = f"dev loss {dev['dev_loss']:.3f} WER {100 * dev['dev_wer']:.1f}%"
-    return f"{line} head acc {acc}%" if acc else line
 
 
 def _remove_stale_tmp(out: Path) -> None:

@@ -1,4 +1,5 @@
-"""Data for one training run: manifests -> filtered datasets, encoder cache, dev batches.
+"""Data for one training run: manifests -> filtered datasets, encoder cache (and for heads-only
+training the decoder hidden-state cache), dev batches.
 
 Utterances that cannot be trained on (audio + transcript longer than the decoder context, or too
 short to yield one audio embedding) are dropped up front and counted, rather than failing the
@@ -24,6 +25,12 @@ from speechllama.text import Tokenizer
 from speechllama.train.cache import EncoderCache, fingerprint
 from speechllama.train.config import TrainConfig
 from speechllama.train.data import SAMPLE_RATE, Batch, SpeechDataset, collate
+from speechllama.train.hidden import (
+    HIDDEN_PREFIX,
+    HiddenCache,
+    build_hidden_cache,
+    hidden_fingerprint,
+)
 
 _MIN_SECONDS = 0.1
 
@@ -33,7 +40,9 @@ class RunData:
     """``train``: the training dataset; ``dev_batches``/``dev_texts``: fixed, unaugmented dev
     batches and raw dev transcripts by dataset index; ``cache``: the encoder cache in use (None:
     features are computed each epoch); ``spec_augment``: the masking module for training;
-    ``skipped``: utterances dropped, by reason."""
+    ``skipped``: utterances dropped, by reason. With ``hidden`` (heads-only training on cached
+    decoder hidden states) ``train`` and ``dev_batches`` serve those states, and
+    ``dev_decode_batches`` the dev encoder outputs that greedy decoding needs."""
 
     train: SpeechDataset
     dev_batches: list[Batch]
@@ -42,6 +51,9 @@ class RunData:
     spec_augment: torch.nn.Module | None
     skipped: dict[str, int]
     cache_stats: dict[str, float] | None = None
+    hidden: HiddenCache | None = None
+    hidden_stats: dict[str, float] | None = None
+    dev_decode_batches: list[Batch] | None = None
 
 
 def embeddings_for(seconds: float, cfg: ModelConfig) -> int:
@@ -88,8 +100,15 @@ def wave_augmenter(spec: dict[str, Any] | None, seed: int) -> Augmenter | None:
 
 
 def prepare_data(
-    cfg: TrainConfig, model: torch.nn.Module, tokenizer: Tokenizer, device: torch.device, out: Path
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    out: Path,
+    hidden: bool = False,
 ) -> RunData:
+    """The run's data; ``hidden``: also cache the frozen trunk's final hidden states and serve
+    those (needs the encoder cache: a frozen encoder and ``cfg.cache``)."""
     mcfg: ModelConfig = model.config
     augment = wave_augmenter(cfg.augment, cfg.seed)
     stretch = 1.0 / min(augment.config.speeds) if augment is not None else 1.0
@@ -114,7 +133,8 @@ def prepare_data(
             "seed": cfg.seed,
         }
         root = Path(cfg.cache_dir) if cfg.cache_dir else out / "encoder_cache"
-        cache = EncoderCache(root, fingerprint(model.encoder, parts), copies=cfg.cache_copies)
+        encoder_fp = fingerprint(model.encoder, parts)
+        cache = EncoderCache(root, encoder_fp, copies=cfg.cache_copies)
         model.encoder.eval()
 
         def encode(feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,17 +157,51 @@ def prepare_data(
         cache=cache,
         seed=cfg.seed,
     )
-    dev_batches: list[Batch] = []
+    dev = None
     if dev_utts:
         clean = _CleanCopy(cache) if cache is not None else None
         dev = SpeechDataset(dev_utts, tokenizer, feature_kind=kind, n_mels=n_mels, cache=clean)
+    hidden_cache = hidden_stats = None
+    if hidden:
+        if cache is None:
+            raise ValueError("cached decoder hidden states need the encoder cache (--cache)")
+        hidden_root = Path(cfg.cache_dir) if cfg.cache_dir else out / "encoder_cache"
+        hidden_cache = HiddenCache(
+            hidden_root,
+            HIDDEN_PREFIX + hidden_fingerprint(model, encoder_fp, tokenizer),
+            copies=cfg.cache_copies,
+        )
+        t0 = time.perf_counter()
+        common = {"device": device, "progress": cfg.progress}
+        added = build_hidden_cache(
+            hidden_cache, model, train.utterances, train.targets, cache,
+            copies=cfg.cache_copies, **common,
+        )  # fmt: skip
+        if dev is not None:
+            added += build_hidden_cache(
+                hidden_cache, model, dev.utterances, dev.targets, cache, copies=1, **common
+            )
+        hidden_stats = {
+            "encoded": added,
+            "seconds": time.perf_counter() - t0,
+            "entries": len(hidden_cache),
+        }
+        train.cache = hidden_cache  # the same copy per (epoch, index) as from the encoder cache
+
+    dev_batches: list[Batch] = []
+    dev_decode_batches: list[Batch] | None = None
+    if dev is not None:
         order = DurationBucketSampler(dev.durations, cfg.max_duration, num_buckets=1, shuffle=False)
         dev_batches = [
             collate([dev[i] for i in batch], encoded=cache is not None).to(device)
             for batch in order
         ]
+        if hidden_cache is not None:
+            dev_decode_batches = dev_batches
+            dev.cache = _CleanCopy(hidden_cache)
+            dev_batches = [collate([dev[i] for i in b], hidden=True).to(device) for b in order]
     spec: torch.nn.Module | None = None
-    if cfg.spec_augment:
+    if cfg.spec_augment and hidden_cache is None:
         # Cached encoder frames are not mel bins: mask them in time only.
         spec = SpecAugment(freq_masks=0) if cache is not None else SpecAugment()
     return RunData(
@@ -158,11 +212,14 @@ def prepare_data(
         spec_augment=spec,
         skipped=skipped,
         cache_stats=cache_stats,
+        hidden=hidden_cache,
+        hidden_stats=hidden_stats,
+        dev_decode_batches=dev_decode_batches,
     )
 
 
 class _CleanCopy:
-    """View of an encoder cache that always serves copy 0 (dev data is never augmented)."""
+    """View of a cache that always serves copy 0 (dev data is never augmented)."""
 
     copies = 1
 

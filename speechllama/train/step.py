@@ -1,8 +1,9 @@
 """One teacher-forced pass: batch -> audio embeddings -> logits -> losses.
 
 Shared by the training step and the dev-loss evaluation so both score exactly the same thing.
-A batch holds either features (run encoder + adapter) or cached encoder outputs (adapter only);
-a frozen encoder runs without autograd, which saves its activations' memory.
+A batch holds features (run encoder + adapter + decoder), cached encoder outputs (adapter +
+decoder), or cached final decoder hidden states (the heads alone: heads-only training); a
+frozen encoder runs without autograd, which saves its activations' memory.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ def embed(
     return emb, emb_lens, hidden, hidden_lens
 
 
+def heads_on_hidden(model: torch.nn.Module, batch: Batch, ctc_weight: float) -> torch.Tensor:
+    """Logits (B, U, K, V) of the heads alone on a batch of cached final hidden states (B, U, d):
+    the trunk does not run (heads-only training, ``train/hidden.py``)."""
+    if model.heads.cache_layers:
+        raise ValueError(f"{model.config.heads.kind!r} heads cannot run on cached hidden states")
+    if ctc_weight > 0:
+        raise ValueError("cached decoder hidden states hold no encoder frames for the CTC loss")
+    return model.heads(batch.inputs.float())
+
+
 def compute_loss(
     model: torch.nn.Module,
     batch: Batch,
@@ -79,10 +90,14 @@ def compute_loss(
     """Forward ``batch`` through ``model`` (a SpeechLLaMA) and return its losses; with
     ``accuracy`` also each head's top-1 hit counts (see ``head_accuracy_counts``)."""
     device = batch.tokens.device
+    ctc_logits = None
     with autocast(device, bf16):
-        emb, emb_lens, hidden, hidden_lens = embed(model, batch, spec_augment)
-        logits = model(emb, emb_lens, batch.tokens, batch.label_lens)  # (B, U, K, V)
-        ctc_logits = model.ctc_logits(hidden) if ctc_weight > 0 else None
+        if batch.hidden:
+            logits = heads_on_hidden(model, batch, ctc_weight)
+        else:
+            emb, emb_lens, hidden, hidden_lens = embed(model, batch, spec_augment)
+            logits = model(emb, emb_lens, batch.tokens, batch.label_lens)  # (B, U, K, V)
+            ctc_logits = model.ctc_logits(hidden) if ctc_weight > 0 else None
     ce = multi_token_loss(logits, batch.labels, batch.label_lens, head_weights)
     total = ce.total
     ctc_value = 0.0
