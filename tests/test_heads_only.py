@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import _cfg, make_corpus
+from test_train import _cfg, _Interrupt, _recording, make_corpus
 
 from speechllama import DecodingOptions, load_model
 from speechllama.data.manifest import load_manifest
@@ -144,6 +144,7 @@ def test_dev_metrics_on_cached_states_equal_the_full_paths(
     trainer = loop.Trainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "again")))
     data = trainer.data
     assert data.dev_decode_batches is not None and all(b.hidden for b in data.dev_batches)
+    assert [b.indices for b in data.dev_batches] == [b.indices for b in data.dev_decode_batches]
     common = {"ctc_weight": 0.0, "head_weights": (), "bf16": False, "max_utterances": 8}
     texts = data.dev_texts
     cached = validate(trainer.model, trainer.tokenizer, data.dev_batches, texts,
@@ -160,6 +161,24 @@ def test_dev_metrics_on_cached_states_equal_the_full_paths(
     with torch.no_grad():
         model.decoder.norm.weight.add_(1e-3)
     assert hidden_fingerprint(model, "enc", trainer.tokenizer) != fp
+
+
+def test_heads_only_run_resumes_to_the_same_weights(
+    corpus: tuple[Path, Path], base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[list[int]] = []
+    straight = loop.train(_heads_only(corpus, base, tmp_path / "a", max_steps=4, save_every=2))
+    _recording(monkeypatch, seen, stop_after=3)
+    with pytest.raises(_Interrupt):
+        loop.train(_heads_only(corpus, base, tmp_path / "b", max_steps=4, save_every=2))
+    monkeypatch.undo()
+    resumed = loop.train(
+        _heads_only(corpus, base, tmp_path / "b", max_steps=4, save_every=2, resume=True)
+    )
+    a = load_model(straight.last_checkpoint).model.state_dict()
+    b = load_model(resumed.last_checkpoint).model.state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_layer_heads_refuse_the_hidden_cache(corpus, base: Path, tmp_path: Path) -> None:

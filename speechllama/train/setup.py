@@ -191,12 +191,14 @@ def prepare_data(
     dev_batches: list[Batch] = []
     dev_decode_batches: list[Batch] | None = None
     if dev is not None:
-        order = DurationBucketSampler(dev.durations, cfg.max_duration, num_buckets=1, shuffle=False)
+        order = list(
+            DurationBucketSampler(dev.durations, cfg.max_duration, num_buckets=1, shuffle=False)
+        )
         dev_batches = [
             collate([dev[i] for i in batch], encoded=cache is not None).to(device)
             for batch in order
         ]
-        if hidden_cache is not None:
+        if hidden_cache is not None:  # the same batches, of cached hidden states, for the loss
             dev_decode_batches = dev_batches
             dev.cache = _CleanCopy(hidden_cache)
             dev_batches = [collate([dev[i] for i in b], hidden=True).to(device) for b in order]
