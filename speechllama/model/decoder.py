@@ -211,6 +211,32 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
+def cached_attention_mask(
+    lengths: torch.Tensor,
+    slots: torch.Tensor,
+    tree_mask: torch.Tensor | None = None,
+    width: int | None = None,
+) -> torch.Tensor:
+    """Which cache slots each new token of a cached call sees -> (B, k, W) bool, True = visible.
+
+    The one visibility rule of the cache, shared by :meth:`LlamaDecoder.forward_cached` and
+    anything else that attends over the same cache in the same call (the ``layer`` heads'
+    blocks), so their attention cannot drift apart: history slots ``< lengths`` (B,), plus the
+    new slots ``slots`` (B, k) that the token's row of ``tree_mask`` (k, k) or (B, k, k) allows
+    (default causal). ``width`` W is the attended cache prefix; by default the smallest that
+    holds every history and new slot. A caller that already read the maxima back passes it, so
+    the call costs no second host sync."""
+    B, k = slots.shape
+    if width is None:
+        width = int(torch.maximum(lengths.max(), slots.max() + 1))
+    keys = torch.arange(width, device=slots.device)
+    visible = (keys[None, None, :] < lengths[:, None, None]).expand(B, k, width)
+    if tree_mask is None:
+        tree_mask = torch.ones(k, k, dtype=torch.bool, device=slots.device).tril()
+    new = tree_mask.to(device=slots.device, dtype=torch.bool).expand(B, k, k)
+    return visible.clone().scatter_(2, slots[:, None, :].expand(B, k, k), new)
+
+
 class LlamaDecoder(nn.Module):
     """Token embedding, ``n_layers`` pre-norm blocks, final RMSNorm. Returns hidden states; the
     output layer lives in :mod:`speechllama.model.heads` (tied to ``embed`` when configured)."""
@@ -274,10 +300,9 @@ class LlamaDecoder(nn.Module):
         each new token sees (must include itself); default causal (lower triangular).
 
         A new token sees the history slots ``< cache.lengths`` plus the new slots its row of the
-        new-token mask allows, nothing else. ``cache.lengths`` is not changed here: the caller
+        new-token mask allows, nothing else (:func:`cached_attention_mask`). ``cache.lengths`` is not changed here: the caller
         decides what becomes history (see ``SpeechLLaMA.step``).
         """
-        B, k, _ = x.shape
         positions = slots if positions is None else positions
         top_len, top_slot, top_pos = torch.stack(
             [cache.lengths.max(), slots.max() + 1, positions.max() + 1]
@@ -287,13 +312,7 @@ class LlamaDecoder(nn.Module):
                 f"writing slot {top_slot - 1} / position {top_pos - 1} exceeds the cache "
                 f"(max_len={cache.max_len}) or max_seq_len={self.cfg.max_seq_len}"
             )
-        width = max(top_len, top_slot)
-        keys = torch.arange(width, device=x.device)
-        visible = (keys[None, None, :] < cache.lengths[:, None, None]).expand(B, k, width)
-        if tree_mask is None:
-            tree_mask = torch.ones(k, k, dtype=torch.bool, device=x.device).tril()
-        new = tree_mask.to(torch.bool).expand(B, k, k)
-        mask = visible.clone().scatter_(2, slots[:, None, :].expand(B, k, k), new)
+        mask = cached_attention_mask(cache.lengths, slots, tree_mask, max(top_len, top_slot))
         rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.layers):
             x = block(x, rope, cache=cache, layer=i, slots=slots, mask=mask)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from speechllama.model.config import ModelConfig
-from speechllama.model.decoder import Block, KVCache, rope_tables
+from speechllama.model.decoder import Block, KVCache, cached_attention_mask, rope_tables
 from speechllama.model.heads import OutputHeads, gather_positions, register, tie_target
 
 
@@ -82,7 +82,7 @@ class LayerHeads(OutputHeads):
                 )
             at = slots if positions is None else positions
             rope = rope_tables(at, self.head_dim, self.rope_theta, hidden.dtype)
-            mask = cached_mask(cache.lengths, slots, tree_mask)
+            mask = cached_attention_mask(cache.lengths, slots, tree_mask)
             outputs = [
                 block(hidden, rope, cache=cache, layer=self.first_layer + j, slots=slots,
                       mask=mask)
@@ -92,22 +92,6 @@ class LayerHeads(OutputHeads):
         if select is not None:
             latents = gather_positions(latents, select)
         return torch.cat([first.unsqueeze(2), self.proj(latents)], dim=2)
-
-
-def cached_mask(
-    lengths: torch.Tensor, slots: torch.Tensor, tree_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Which cache slots each new token sees -> (B, k, W) bool, the rule of
-    ``LlamaDecoder.forward_cached``: history slots < lengths, plus the new slots (B, k) that
-    its row of ``tree_mask`` (k, k) or (B, k, k) allows (default causal)."""
-    B, k = slots.shape
-    width = int(torch.maximum(lengths.max(), slots.max() + 1))
-    keys = torch.arange(width, device=slots.device)
-    visible = (keys[None, None, :] < lengths[:, None, None]).expand(B, k, width)
-    if tree_mask is None:
-        tree_mask = torch.ones(k, k, dtype=torch.bool, device=slots.device).tril()
-    new = tree_mask.to(device=slots.device, dtype=torch.bool).expand(B, k, k)
-    return visible.clone().scatter_(2, slots[:, None, :].expand(B, k, k), new)
 
 
 @register("layer")
