@@ -8,49 +8,38 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    N_MELS,
+    TOL,
+    VOCAB,
+    D,
+    TinyEncoder,
+    assert_rollback_equals_fresh,
+    assert_valid_close,
+    fit,
+    ids,
+    rand,
+    tiny_decoder,
+)
 from torch import nn
 
-from speechllama.model.config import (
-    AdapterConfig,
-    DecoderConfig,
-    EncoderConfig,
-    HeadsConfig,
-    ModelConfig,
-    preset,
-)
+from speechllama.model.config import AdapterConfig, EncoderConfig, HeadsConfig, ModelConfig, preset
 from speechllama.model.heads import HEADS, build_heads, expand_heads, heads_parameter_report
 from speechllama.model.speechllama import SpeechLLaMA
 from speechllama.train.losses import multi_token_loss
 
 torch.set_num_threads(1)
-TOL = dict(atol=1e-5, rtol=1e-5)
-N_MELS, D_ENC, VOCAB, D, K = 8, 12, 40, 32, 3
+K = 3
 KINDS = ("projection", "latent", "medusa", "layer")
-
-
-class TinyEncoder(nn.Module):
-    """Stand-in encoder: 2x subsampling by striding, then a projection."""
-
-    output_dim = D_ENC
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(N_MELS, D_ENC)
-
-    def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.proj(feats[:, ::2]), torch.div(lens + 1, 2, rounding_mode="floor")
 
 
 def _config(kind: str = "linear", k: int = 1, tied: bool = True, blocks: int = 1) -> ModelConfig:
     return ModelConfig(
         encoder=EncoderConfig(n_mels=N_MELS),
         adapter=AdapterConfig(kind="linear", stack=2),
-        decoder=DecoderConfig(
-            vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-            max_seq_len=64, tie_embeddings=tied,
-        ),
+        decoder=tiny_decoder(tied=tied),
         heads=HeadsConfig(kind=kind, num_heads=k, medusa_blocks=blocks),
-    )  # fmt: skip
+    )
 
 
 def _model(kind: str = "linear", k: int = 1, tied: bool = True, seed: int = 0, **kw) -> SpeechLLaMA:
@@ -67,39 +56,11 @@ def _scramble(module: nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() > 1 else 1.0))
 
 
-def _rand(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _ids(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def batch() -> dict[str, torch.Tensor]:
-    """Ragged audio (7, 4, 2 embeddings) and ragged text (6, 3, 5 tokens incl. BOS)."""
-    tokens = _ids(3, 6, seed=1)
-    tokens[:, 0] = 1
-    return {
-        "audio": _rand(3, 7, D, seed=2),
-        "audio_lens": torch.tensor([7, 4, 2]),
-        "tokens": tokens,
-        "token_lens": torch.tensor([6, 3, 5]),
-    }
-
-
 @pytest.fixture(scope="module", params=KINDS)
 def scrambled(request: pytest.FixtureRequest) -> SpeechLLaMA:
     model = _model(request.param, K)
     _scramble(model, seed=3)
     return model
-
-
-def _assert_valid_close(got: torch.Tensor, ref: torch.Tensor, lens: torch.Tensor, start: int):
-    """Compare (B, k, ...) positions start..start+k-1 where they are real text (< lens[b])."""
-    for b, n in enumerate(lens.tolist()):
-        m = max(0, min(got.shape[1], n - start))
-        torch.testing.assert_close(got[b, :m], ref[b, start : start + m], **TOL)
 
 
 # --- registry, shapes, parameter counts -------------------------------------------------------
@@ -109,7 +70,7 @@ def test_every_kind_is_registered_and_shapes_follow_num_heads() -> None:
     assert set(HEADS) == {"linear", *KINDS}
     for kind in KINDS:
         model = _model(kind, K)
-        hidden = _rand(2, 5, D, seed=4)
+        hidden = rand(2, 5, D, seed=4)
         assert model.heads(hidden).shape == (2, 5, K, VOCAB)
         for n in (1, 2):
             out = model.heads(hidden, num_heads=n)
@@ -213,17 +174,13 @@ def test_training_teaches_head_k_the_token_k_ahead(kind: str) -> None:
     """Overfit one utterance with the K-head loss: head k's argmax at text position u must be
     label u + k (the shift the loss and the forward layout agree on), for every kind."""
     model = _model(kind, K, seed=9).train()
-    audio, audio_lens = _rand(1, 3, D, seed=10), torch.tensor([3])
+    audio, audio_lens = rand(1, 3, D, seed=10), torch.tensor([3])
     labels = torch.tensor([[7, 12, 5, 30, 21, 9, 2]])  # y EOS
     tokens = torch.cat([torch.tensor([[1]]), labels[:, :-1]], dim=1)  # BOS y
     lens = torch.tensor([7])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        multi_token_loss(model(audio, audio_lens, tokens, lens), labels, lens).total.backward()
-        opt.step()
+    fit(model, audio, audio_lens, labels, steps=150, lr=3e-2)
     with torch.no_grad():
-        pred = model.eval()(audio, audio_lens, tokens, lens).argmax(-1)[0]  # (U, K)
+        pred = model(audio, audio_lens, tokens, lens).argmax(-1)[0]  # (U, K)
     for k in range(K):
         assert pred[: 7 - k, k].tolist() == labels[0, k:].tolist(), f"head {k + 1}"
 
@@ -240,8 +197,8 @@ def test_prefill_and_steps_equal_teacher_forcing(scrambled: SpeechLLaMA, batch: 
     assert cache.k.shape[0] == 2 + scrambled.heads.cache_layers
     first = scrambled.prefill(batch["audio"], batch["audio_lens"], cache)
     torch.testing.assert_close(first[:, 0], ref[:, 0], **TOL)
-    _assert_valid_close(scrambled.step(tokens[:, 1:2], cache), ref, lens, start=1)
-    _assert_valid_close(scrambled.step(tokens[:, 2:6], cache), ref, lens, start=2)
+    assert_valid_close(scrambled.step(tokens[:, 1:2], cache), ref, lens, start=1)
+    assert_valid_close(scrambled.step(tokens[:, 2:6], cache), ref, lens, start=2)
 
 
 def test_fewer_heads_at_decode_time(scrambled: SpeechLLaMA, batch: dict) -> None:
@@ -252,24 +209,13 @@ def test_fewer_heads_at_decode_time(scrambled: SpeechLLaMA, batch: dict) -> None
     first = scrambled.prefill(batch["audio"], batch["audio_lens"], cache, num_heads=2)
     assert first.shape == (3, 1, 2, VOCAB)
     torch.testing.assert_close(first[:, 0], ref[:, 0], **TOL)
-    _assert_valid_close(scrambled.step(tokens[:, 1:6], cache, num_heads=2), ref, lens, start=1)
+    assert_valid_close(scrambled.step(tokens[:, 1:6], cache, num_heads=2), ref, lens, start=1)
 
 
 def test_rollback_and_tree_mask_move_the_head_caches(scrambled: SpeechLLaMA, batch: dict) -> None:
     audio, audio_lens = batch["audio"], batch["audio_lens"]
-    cache = scrambled.new_cache(3, 32)
-    scrambled.prefill(audio, audio_lens, cache)
-    proposed, accepted = _ids(3, 4, seed=11), _ids(3, 2, seed=12)
-    scrambled.step(proposed, cache)
-    cache.truncate(cache.lengths - torch.tensor([3, 4, 1]))  # keep 1, 0, 3 proposed tokens
-    out = scrambled.step(accepted, cache)
-    for b, kept in enumerate([1, 0, 3]):
-        s = int(audio_lens[b])
-        tokens = torch.cat([torch.tensor([1]), proposed[b, :kept], accepted[b]])[None]
-        with torch.no_grad():
-            ref = scrambled(audio[b : b + 1, :s], audio_lens[b : b + 1], tokens,
-                            torch.tensor([3 + kept]))  # fmt: skip
-        torch.testing.assert_close(out[b], ref[0, 1 + kept :], **TOL)
+    proposed, accepted = ids(3, 4, seed=11), ids(3, 2, seed=12)
+    cache = assert_rollback_equals_fresh(scrambled, batch, proposed, accepted)
     # Beam reorder moves the heads' cache layers with the trunk's.
     scrambled.prefill(audio, audio_lens, cache)
     scrambled.step(proposed[:, :2], cache)
@@ -282,7 +228,7 @@ def test_rollback_and_tree_mask_move_the_head_caches(scrambled: SpeechLLaMA, bat
     torch.testing.assert_close(moved[[0, 2]], ref[[2, 0]], **TOL)
     # Two branches in one call, [a, b] and [a, c]: c sees a but not b, so its logits equal
     # those of the plain sequence [a, c].
-    a_b_c, tree = _ids(3, 3, seed=13), torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]]).bool()
+    a_b_c, tree = ids(3, 3, seed=13), torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]]).bool()
     scrambled.prefill(audio, audio_lens, cache)
     branched = scrambled.step(a_b_c, cache, tree_mask=tree)
     scrambled.prefill(audio, audio_lens, cache)
@@ -316,6 +262,6 @@ def test_checkpoint_carries_heads_k_and_weights(tmp_path: Path) -> None:
         "kind": "medusa", "num_heads": 3, "loss_weights": [1.0, 0.6, 0.3], "medusa_blocks": 2,
     }  # fmt: skip
     assert loaded.config == model.config
-    hidden = _rand(2, 4, 64, seed=16)
+    hidden = rand(2, 4, 64, seed=16)
     with torch.no_grad():
         assert torch.equal(loaded.heads(hidden), model.heads(hidden))

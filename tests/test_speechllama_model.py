@@ -7,47 +7,34 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from helpers import (
+    D_ENC,
+    N_MELS,
+    TOL,
+    VOCAB,
+    TinyEncoder,
+    assert_rollback_equals_fresh,
+    assert_valid_close,
+    ids,
+    rand,
+    tiny_decoder,
+)
 
 from speechllama.model.adapter import Adapter
-from speechllama.model.config import (
-    AdapterConfig,
-    DecoderConfig,
-    EncoderConfig,
-    HeadsConfig,
-    ModelConfig,
-)
+from speechllama.model.config import AdapterConfig, EncoderConfig, HeadsConfig, ModelConfig
 from speechllama.model.heads import LinearHead, build_heads
 from speechllama.model.speechllama import SpeechLLaMA, with_pretrained_decoder
 
 torch.set_num_threads(1)
-TOL = dict(atol=1e-5, rtol=1e-5)
-N_MELS, D_ENC, VOCAB = 8, 12, 40
-
-
-class TinyEncoder(nn.Module):
-    """Stand-in encoder: 2x subsampling by striding, then a projection."""
-
-    output_dim = D_ENC
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(N_MELS, D_ENC)
-
-    def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.proj(feats[:, ::2]), torch.div(lens + 1, 2, rounding_mode="floor")
 
 
 def _config(tied: bool = True, ctc: bool = True, max_seq_len: int = 64) -> ModelConfig:
     return ModelConfig(
         encoder=EncoderConfig(n_mels=N_MELS),
         adapter=AdapterConfig(kind="mlp", stack=2, hidden=20),
-        decoder=DecoderConfig(
-            vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-            max_seq_len=max_seq_len, tie_embeddings=tied,
-        ),
+        decoder=tiny_decoder(max_seq_len, tied),
         ctc=ctc,
-    )  # fmt: skip
+    )
 
 
 def _model(tied: bool = True, seed: int = 0, **kw) -> SpeechLLaMA:
@@ -59,37 +46,9 @@ def _model(tied: bool = True, seed: int = 0, **kw) -> SpeechLLaMA:
     return model
 
 
-def _rand(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _ids(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
 def model() -> SpeechLLaMA:
     return _model()
-
-
-@pytest.fixture(scope="module")
-def batch() -> dict[str, torch.Tensor]:
-    """Ragged audio (7, 4, 2 embeddings) and ragged text (6, 3, 5 tokens incl. BOS)."""
-    tokens = _ids(3, 6, seed=1)
-    tokens[:, 0] = 1
-    return {
-        "audio": _rand(3, 7, 32, seed=2),
-        "audio_lens": torch.tensor([7, 4, 2]),
-        "tokens": tokens,
-        "token_lens": torch.tensor([6, 3, 5]),
-    }
-
-
-def _assert_valid_close(got: torch.Tensor, ref: torch.Tensor, lens: torch.Tensor, start: int):
-    """Compare (B, k, ...) positions start..start+k-1 where they are real text (< lens[b])."""
-    for b, n in enumerate(lens.tolist()):
-        m = max(0, min(got.shape[1], n - start))
-        torch.testing.assert_close(got[b, :m], ref[b, start : start + m], **TOL)
 
 
 # --- adapter and heads ------------------------------------------------------------------------
@@ -97,7 +56,7 @@ def _assert_valid_close(got: torch.Tensor, ref: torch.Tensor, lens: torch.Tensor
 
 def test_adapter_stacks_frames_and_ignores_padding() -> None:
     adapter = Adapter(AdapterConfig(kind="linear", stack=2), d_in=3, d_out=5)
-    x, lens = _rand(2, 5, 3, seed=3), torch.tensor([5, 3])
+    x, lens = rand(2, 5, 3, seed=3), torch.tensor([5, 3])
     out, out_lens = adapter(x, lens)
     assert out.shape == (2, 3, 5) and out_lens.tolist() == [3, 2]
     # frame group j is the concatenation of frames 2j, 2j+1; the tail is zero-padded
@@ -114,7 +73,7 @@ def test_linear_head_tied_and_untied() -> None:
     tied = _model(tied=True)
     assert isinstance(tied.heads, LinearHead)
     assert tied.heads.proj.weight is tied.decoder.embed.weight
-    hidden = _rand(2, 3, 32, seed=4)
+    hidden = rand(2, 3, 32, seed=4)
     logits = tied.heads(hidden)
     assert logits.shape == (2, 3, 1, VOCAB)
     torch.testing.assert_close(logits[:, :, 0], hidden @ tied.decoder.embed.weight.T)
@@ -130,14 +89,14 @@ def test_linear_head_tied_and_untied() -> None:
 
 
 def test_shapes_and_parameter_counts(model: SpeechLLaMA, batch: dict) -> None:
-    feats, feat_lens = _rand(3, 13, N_MELS, seed=5), torch.tensor([13, 9, 4])
+    feats, feat_lens = rand(3, 13, N_MELS, seed=5), torch.tensor([13, 9, 4])
     emb, emb_lens = model.encode(feats, feat_lens)
     assert emb.shape == (3, math.ceil(7 / 2), 32)
     assert emb_lens.tolist() == [4, 3, 1]  # encoder 7, 5, 2 frames -> stacked by 2
     logits, hidden = model(**batch, return_hidden=True)
     assert logits.shape == (3, 6, 1, VOCAB) and hidden.shape == (3, 6, 32)
     torch.testing.assert_close(model.heads(hidden), logits)
-    assert model.ctc_logits(_rand(3, 7, D_ENC, seed=6)).shape == (3, 7, VOCAB)
+    assert model.ctc_logits(rand(3, 7, D_ENC, seed=6)).shape == (3, 7, VOCAB)
 
     counts = model.num_parameters()
     assert set(counts) == {"encoder", "adapter", "decoder", "heads", "ctc_head"}
@@ -176,16 +135,16 @@ def test_prefill_and_steps_equal_teacher_forcing(model: SpeechLLaMA, batch: dict
     assert cache.lengths.tolist() == [8, 5, 3]  # S_i + 1: BOS at position S_i
     torch.testing.assert_close(first[:, 0], ref[:, 0], **TOL)
     one = model.step(tokens[:, 1:2], cache)
-    _assert_valid_close(one, ref, lens, start=1)
+    assert_valid_close(one, ref, lens, start=1)
     four = model.step(tokens[:, 2:6], cache)
     assert four.shape == (3, 4, 1, VOCAB)
-    _assert_valid_close(four, ref, lens, start=2)
+    assert_valid_close(four, ref, lens, start=2)
     assert cache.lengths.tolist() == [13, 10, 8]
     assert model.decoder_calls - calls == 3
 
 
 def test_one_call_of_four_equals_four_calls_of_one(model: SpeechLLaMA, batch: dict) -> None:
-    new = _ids(3, 4, seed=7)
+    new = ids(3, 4, seed=7)
     caches = [model.new_cache(3, 32) for _ in range(2)]
     for cache in caches:
         model.prefill(batch["audio"], batch["audio_lens"], cache)
@@ -200,21 +159,7 @@ def test_one_call_of_four_equals_four_calls_of_one(model: SpeechLLaMA, batch: di
 
 
 def test_rollback_then_new_tokens_equals_fresh_sequence(model: SpeechLLaMA, batch: dict) -> None:
-    audio, audio_lens = batch["audio"], batch["audio_lens"]
-    cache = model.new_cache(3, 32)
-    model.prefill(audio, audio_lens, cache)
-    proposed, accepted = _ids(3, 4, seed=8), _ids(3, 2, seed=9)
-    model.step(proposed, cache)
-    cache.truncate(cache.lengths - torch.tensor([3, 4, 1]))  # keep 1, 0, 3 proposed tokens
-    out = model.step(accepted, cache)
-    for b, kept in enumerate([1, 0, 3]):
-        s = int(audio_lens[b])
-        tokens = torch.cat([torch.tensor([1]), proposed[b, :kept], accepted[b]])[None]
-        with torch.no_grad():
-            ref = model(
-                audio[b : b + 1, :s], audio_lens[b : b + 1], tokens, torch.tensor([3 + kept])
-            )
-        torch.testing.assert_close(out[b], ref[0, 1 + kept :], **TOL)
+    assert_rollback_equals_fresh(model, batch, ids(3, 4, seed=8), ids(3, 2, seed=9))
 
 
 def test_too_long_sequences_raise(batch: dict) -> None:
@@ -228,7 +173,7 @@ def test_too_long_sequences_raise(batch: dict) -> None:
         model.prefill(batch["audio"][:2], batch["audio_lens"][:2], cache)
     model.prefill(batch["audio"], batch["audio_lens"], cache)  # longest: 8 positions
     with pytest.raises(ValueError, match="max_len=10"):
-        model.step(_ids(3, 3, seed=10), cache)
+        model.step(ids(3, 3, seed=10), cache)
 
 
 def test_pretrained_hf_decoder(tmp_path: Path) -> None:
@@ -248,7 +193,7 @@ def test_pretrained_hf_decoder(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="vocab_size"):
         _model().load_pretrained_decoder(tmp_path)
     model.load_pretrained_decoder(tmp_path)
-    tokens = _ids(2, 7, seed=11) % 45
+    tokens = ids(2, 7, seed=11) % 45
     tokens[:, 0] = config.bos_id
     with torch.no_grad():
         ref = hf(input_ids=tokens).logits

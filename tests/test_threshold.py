@@ -8,35 +8,30 @@ import functools
 
 import pytest
 import torch
-from torch import nn
-
-from speechllama.decoding import DecodingOptions, get_strategy
-from speechllama.decoding.base import Decoded, decode, max_tokens_for
-from speechllama.model.config import (
-    AdapterConfig,
-    DecoderConfig,
-    EncoderConfig,
-    HeadsConfig,
-    ModelConfig,
+from helpers import (
+    BOS,
+    EOS,
+    PAD,
+    VOCAB,
+    D,
+    cache_overruns,
+    decoding_model,
+    fit,
+    held_out,
+    record_steps,
+    run_decoding,
+    summary,
 )
+
+from speechllama.decoding import DecodingOptions
+from speechllama.decoding.base import Decoded, max_tokens_for
 from speechllama.model.speechllama import SpeechLLaMA
-from speechllama.train.losses import multi_token_loss
 
 torch.set_num_threads(1)
-VOCAB, D, K, S, U = 40, 32, 4, 6, 20
-BOS, EOS, PAD = 1, 2, 0
+K, S, U = 4, 6, 20
 MAX_LEN = 128
 DURATIONS = [1.0, 0.1, 1.0, 1.0, 1.0, 0.1]  # 0.1 s: a limit of 18 tokens cuts a block
 LENS = [6, 6, 6, 4, 6, 3]  # rows 0-2: the training audio, whole
-
-
-class Identity(nn.Module):
-    """Stand-in encoder: the tests feed audio embeddings straight to the decoder."""
-
-    output_dim = D
-
-    def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return feats, lens
 
 
 @functools.cache
@@ -44,37 +39,15 @@ def trained(kind: str) -> tuple[SpeechLLaMA, torch.Tensor, torch.Tensor]:
     """A K-head model fitted for 120 Adam steps to 6 walks (steps of +1..+3, so heads 2..K are
     sure of some tokens and unsure of others) with fixed random audio embeddings; returns it
     with decode audio: rows 0-2 the training audio, rows 3-5 perturbed."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        encoder=EncoderConfig(n_mels=D),
-        adapter=AdapterConfig(kind="linear", stack=1),
-        decoder=DecoderConfig(
-            vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-            max_seq_len=MAX_LEN,
-        ),
-        heads=HeadsConfig(kind=kind, num_heads=K),
-        bos_id=BOS, eos_id=EOS, pad_id=PAD,
-    )  # fmt: skip
-    model = SpeechLLaMA(cfg, encoder=Identity()).train()
+    model = decoding_model(kind, K, MAX_LEN)
     g = torch.Generator().manual_seed(2)
     n = len(LENS)
     start = torch.randint(0, VOCAB - 3, (n, 1), generator=g)
     walk = (start + torch.randint(1, 4, (n, U - 1), generator=g).cumsum(1)) % (VOCAB - 3) + 3
     labels = torch.cat([walk, torch.full((n, 1), EOS)], dim=1)
-    tokens = torch.cat([torch.full((n, 1), BOS), labels[:, :-1]], dim=1)
     audio = torch.randn(n, S, D, generator=g)
-    lens = torch.full((n,), U)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(120):
-        opt.zero_grad()
-        logits = model(audio, torch.full((n,), S), tokens, lens)
-        multi_token_loss(logits, labels, lens).total.backward()
-        opt.step()
-    model.eval()
-    test = torch.cat([audio[:3], audio[3:] + 0.7 * torch.randn(3, S, D, generator=g)])
-    for b, m in enumerate(LENS):
-        test[b, m:] = 0
-    return model, test, torch.tensor(LENS)
+    fit(model, audio, torch.full((n,), S), labels, steps=120)
+    return model, held_out(audio, 3, LENS, g), torch.tensor(LENS)
 
 
 @pytest.fixture(scope="module", params=["projection", "latent"])
@@ -85,15 +58,7 @@ def fitted(request: pytest.FixtureRequest) -> tuple[SpeechLLaMA, torch.Tensor, t
 def run(
     model: SpeechLLaMA, audio, lens, durations=DURATIONS, compact=True, **opts
 ) -> list[Decoded]:
-    with torch.inference_mode():
-        return decode(
-            model, get_strategy(DecodingOptions(**opts)), audio, lens, durations, eos_id=EOS,
-            pad_id=PAD, max_seq_len=MAX_LEN, compact=compact,
-        )  # fmt: skip
-
-
-def _summary(out: list[Decoded]) -> list[tuple]:
-    return [(d.tokens, d.decoder_calls, d.accepted_per_call) for d in out]
+    return run_decoding(model, audio, lens, durations, compact, **opts)
 
 
 @pytest.mark.parametrize("threshold", [1.0001, 2.0])
@@ -102,7 +67,7 @@ def test_threshold_above_one_is_greedy(fitted, threshold, heads):
     model, audio, lens = fitted
     greedy = run(model, audio, lens, strategy="greedy")
     out = run(model, audio, lens, strategy="threshold", threshold=threshold, num_heads=heads)
-    assert _summary(out) == _summary(greedy)
+    assert summary(out) == summary(greedy)
     assert {len(d.accepted_per_call) for d in out} <= {1, 2}  # never more than 1 per call
 
 
@@ -145,15 +110,12 @@ def _reference(model, audio, n, duration, threshold, heads) -> tuple[list[int], 
 def test_batched_cached_equals_uncached_reference(fitted, threshold, heads, monkeypatch):
     model, audio, lens = fitted
     n = heads or K
-    widths: list[list[int]] = []  # tokens each row fed, per call
-    real_step = model.step
 
-    def spy(tokens, cache, tree_mask=None, num_heads=None):
+    def fed(tokens, cache, tree_mask, num_heads) -> list[int]:
         assert num_heads == n  # the same heads as the prefill, every call
-        widths.append((tokens != PAD).sum(1).tolist())
-        return real_step(tokens, cache, tree_mask, num_heads)
+        return (tokens != PAD).sum(1).tolist()
 
-    monkeypatch.setattr(model, "step", spy)
+    widths = record_steps(model, monkeypatch, fed)  # tokens each row fed, per call
     out = run(model, audio, lens, strategy="threshold", threshold=threshold, num_heads=heads)
     monkeypatch.undo()
     for b, m in enumerate(LENS):
@@ -180,7 +142,7 @@ def test_batched_equals_unbatched(fitted):
     for b, m in enumerate(LENS):
         alone = run(model, audio[b : b + 1, :m], lens[b : b + 1], DURATIONS[b : b + 1],
                     strategy="threshold", threshold=0.5)  # fmt: skip
-        assert _summary(alone) == _summary(out[b : b + 1])
+        assert summary(alone) == summary(out[b : b + 1])
 
 
 def test_fewer_calls_than_greedy_at_a_usable_threshold(fitted):
@@ -202,22 +164,11 @@ def test_rows_at_their_limit_stay_inside_the_cache(fitted, threshold, heads, mon
     model, audio, lens = fitted
     durations = [0.1] * len(LENS)
     limits = [max_tokens_for(d, DecodingOptions()) for d in durations]
-    over: list[int] = []
-    real_step = model.step
-
-    def spy(tokens, cache, tree_mask=None, num_heads=None):
-        bound = [n + m for n, m in zip(LENS, limits, strict=True)]  # [audio][BOS] + limit - 1
-        over.append(max(int(x) - c for x, c in zip(cache.lengths.tolist(), bound, strict=True)))
-        return real_step(tokens, cache, tree_mask, num_heads)
-
-    monkeypatch.setattr(model, "step", spy)
-    options = DecodingOptions(strategy="threshold", threshold=threshold, num_heads=heads)
-    with torch.inference_mode():  # finished rows stay (worst case) and keep their index
-        out = decode(
-            model, get_strategy(options), audio, lens, durations, eos_id=-1, pad_id=PAD,
-            max_seq_len=MAX_LEN, compact=False,
-        )  # fmt: skip
-    assert max(over) <= 0
+    over = cache_overruns(model, monkeypatch, LENS, limits)
+    # finished rows stay (worst case) and keep their index
+    out = run(model, audio, lens, durations, compact=False, eos_id=-1, strategy="threshold",
+              threshold=threshold, num_heads=heads)  # fmt: skip
+    assert max(max(row) for row in over) <= 0
     assert [len(d.tokens) for d in out] == limits
 
 
@@ -229,14 +180,7 @@ def test_compaction_changes_no_result(fitted, threshold, monkeypatch):
     durations = [0.0, 0.1, 0.3, 1.0, 0.0, 0.5]  # limits 16 .. 28: rows finish calls apart
     opts = {"durations": durations, "strategy": "threshold", "threshold": threshold}
     full = run(model, audio, lens, compact=False, **opts)
-    widths: list[int] = []
-    real_step = model.step
-
-    def spy(tokens, cache, tree_mask=None, num_heads=None):
-        widths.append(tokens.shape[0])
-        return real_step(tokens, cache, tree_mask, num_heads)
-
-    monkeypatch.setattr(model, "step", spy)
+    widths = record_steps(model, monkeypatch, lambda tokens, *_: tokens.shape[0])
     compacted = run(model, audio, lens, **opts)
-    assert _summary(compacted) == _summary(full)
+    assert summary(compacted) == summary(full)
     assert widths[0] == len(LENS) and widths[-1] < len(LENS)

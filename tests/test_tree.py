@@ -11,9 +11,10 @@ import functools
 
 import pytest
 import torch
+from helpers import fit, record_steps, run_decoding, summary
 
-from speechllama.decoding import DecodingOptions, available_strategies, get_strategy
-from speechllama.decoding.base import Decoded, decode, max_tokens_for
+from speechllama.decoding import DecodingOptions, available_strategies
+from speechllama.decoding.base import Decoded, max_tokens_for
 from speechllama.decoding.tree import TreeDecoder
 from speechllama.decoding.tree_shape import (
     TreeShapeError,
@@ -23,7 +24,6 @@ from speechllama.decoding.tree_shape import (
 )
 from speechllama.model.config import HeadsConfig, preset
 from speechllama.model.speechllama import SpeechLLaMA
-from speechllama.train.losses import multi_token_loss
 
 torch.set_num_threads(1)
 VOCAB, EOS, PAD = 48, 2, 0
@@ -111,15 +111,7 @@ def _model(kind: str, heads: int = 4) -> SpeechLLaMA:
     torch.manual_seed(0)
     model = SpeechLLaMA(preset("tiny", VOCAB).replace(heads=HeadsConfig(kind, heads))).train()
     audio, lens, labels = _data()
-    tokens = torch.cat([torch.ones_like(labels[:, :1]), labels[:, :-1]], dim=1)  # BOS y
-    label_lens = torch.full((len(LENS),), labels.shape[1])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(20):
-        opt.zero_grad()
-        logits = model(audio, lens, tokens, label_lens)
-        multi_token_loss(logits, labels, label_lens).total.backward()
-        opt.step()
-    return model.eval()
+    return fit(model, audio, lens, labels, steps=20)
 
 
 def _decode(
@@ -129,12 +121,20 @@ def _decode(
     if rows is not None:
         audio, lens = audio[rows, : max(LENS[r] for r in rows)], lens[rows]
     durations = [DURATIONS[r] for r in rows] if rows is not None else DURATIONS
-    with torch.inference_mode():
-        return decode(
-            model, get_strategy(DecodingOptions(**opts)), audio, lens, durations,
-            eos_id=EOS, pad_id=PAD, max_seq_len=model.config.decoder.max_seq_len,
-            compact=compact,
-        )  # fmt: skip
+    return run_decoding(model, audio, lens, durations, compact, eos_id=EOS, **opts)
+
+
+def _record_caches(model: SpeechLLaMA, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Spy on ``model.new_cache``: every cache it builds, in order (the prefill's first)."""
+    caches = []
+    real_new_cache = model.new_cache
+
+    def capture(*args, **kwargs):
+        caches.append(real_new_cache(*args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(model, "new_cache", capture)
+    return caches
 
 
 def _per_call(out: list[Decoded]) -> float:
@@ -169,20 +169,13 @@ def test_each_call_keeps_the_longest_path_greedy_agrees_with(monkeypatch) -> Non
     the cache must grow by exactly that (clipped at the length limit), finished rows by 0."""
     model = _model("latent")
     greedy = _decode(model, strategy="greedy")
-    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # fed, mask, lengths
-    caches = []
-    real_step, real_new_cache = model.step, model.new_cache
-
-    def spy(tokens, cache, tree_mask=None, num_heads=None):
-        calls.append((tokens.clone(), tree_mask.clone(), cache.lengths.clone()))
-        return real_step(tokens, cache, tree_mask=tree_mask, num_heads=num_heads)
-
-    def capture(*args, **kwargs):
-        caches.append(real_new_cache(*args, **kwargs))
-        return caches[-1]
-
-    monkeypatch.setattr(model, "step", spy)
-    monkeypatch.setattr(model, "new_cache", capture)
+    calls = record_steps(  # fed, mask, lengths
+        model, monkeypatch,
+        lambda tokens, cache, tree_mask, _: (
+            tokens.clone(), tree_mask.clone(), cache.lengths.clone()
+        ),
+    )  # fmt: skip
+    caches = _record_caches(model, monkeypatch)
     decoded = _decode(model, strategy="tree", compact=False)  # rows keep their index
     ends = [c[2] for c in calls[1:]] + [caches[0].lengths]  # lengths after each call
     shape = build_tree((3, 2, 1))
@@ -239,14 +232,8 @@ def test_cache_after_tree_decoding_equals_greedys(kind: str, monkeypatch) -> Non
     back. Greedy computes head 1 only (its cache has no head layers), so the reference is one
     cached all-heads call over [audio][BOS] + greedy's tokens."""
     model = _model(kind)
-    caches = []
     real_new_cache = model.new_cache
-
-    def capture(*args, **kwargs):
-        caches.append(real_new_cache(*args, **kwargs))
-        return caches[-1]
-
-    monkeypatch.setattr(model, "new_cache", capture)
+    caches = _record_caches(model, monkeypatch)
     # no compaction: every row's cache is still there at the end
     greedy, tree = _decode(model, strategy="greedy"), _decode(model, strategy="tree", compact=False)
     got = caches[1]
@@ -272,15 +259,12 @@ def test_cache_after_tree_decoding_equals_greedys(kind: str, monkeypatch) -> Non
 def test_fewer_heads_shrink_the_tree(monkeypatch) -> None:
     model = _model("latent")
     greedy = _decode(model, strategy="greedy")
-    widths: list[int] = []
-    real_step = model.step
 
-    def spy(tokens, cache, tree_mask=None, num_heads=None):
-        widths.append(tokens.shape[1])
+    def width(tokens, cache, tree_mask, num_heads) -> int:
         assert num_heads == 2
-        return real_step(tokens, cache, tree_mask=tree_mask, num_heads=num_heads)
+        return tokens.shape[1]
 
-    monkeypatch.setattr(model, "step", spy)
+    widths = record_steps(model, monkeypatch, width)
     two = _decode(model, strategy="tree", num_heads=2)  # heads 1-2: the tree is (3,)
     assert set(widths) == {4}
     assert [d.tokens for d in two] == [d.tokens for d in greedy]
@@ -294,14 +278,7 @@ def test_fewer_heads_shrink_the_tree(monkeypatch) -> None:
 def test_max_nodes_caps_every_call(monkeypatch) -> None:
     model = _model("latent")
     greedy = _decode(model, strategy="greedy")
-    widths: list[int] = []
-    real_step = model.step
-
-    def spy(tokens, cache, tree_mask=None, num_heads=None):
-        widths.append(tokens.shape[1])
-        return real_step(tokens, cache, tree_mask=tree_mask, num_heads=num_heads)
-
-    monkeypatch.setattr(model, "step", spy)
+    widths = record_steps(model, monkeypatch, lambda tokens, *_: tokens.shape[1])
     out = _decode(model, strategy="tree", tree=(3, 2, 1), tree_max_nodes=5)
     assert set(widths) == {6}  # root + the 5 smallest-rank-sum candidates
     assert [d.tokens for d in out] == [d.tokens for d in greedy]
@@ -340,16 +317,7 @@ def test_compaction_changes_no_result(kind: str, monkeypatch) -> None:
     proposals with them) leaves every row's tokens, calls and histogram as they were."""
     model = _model(kind)
     full = _decode(model, strategy="tree", compact=False)
-    widths: list[int] = []
-    real_step = model.step
-
-    def spy(tokens, cache, tree_mask=None, num_heads=None):
-        widths.append(tokens.shape[0])
-        return real_step(tokens, cache, tree_mask=tree_mask, num_heads=num_heads)
-
-    monkeypatch.setattr(model, "step", spy)
+    widths = record_steps(model, monkeypatch, lambda tokens, *_: tokens.shape[0])
     compacted = _decode(model, strategy="tree")
-    assert [(d.tokens, d.decoder_calls, d.accepted_per_call) for d in compacted] == [
-        (d.tokens, d.decoder_calls, d.accepted_per_call) for d in full
-    ]
+    assert summary(compacted) == summary(full)
     assert widths[0] == len(LENS) and widths[-1] < len(LENS)

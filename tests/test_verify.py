@@ -9,39 +9,34 @@ import functools
 
 import pytest
 import torch
-from torch import nn
+from helpers import (
+    BOS,
+    EOS,
+    PAD,
+    VOCAB,
+    D,
+    cache_overruns,
+    decoding_model,
+    fit,
+    held_out,
+    record_steps,
+    run_decoding,
+    summary,
+)
 
 from speechllama.decoding import DecodingOptions, get_strategy
-from speechllama.decoding.base import Decoded, decode, fast_argmax, max_tokens_for
-from speechllama.model.config import (
-    AdapterConfig,
-    DecoderConfig,
-    EncoderConfig,
-    HeadsConfig,
-    ModelConfig,
-)
+from speechllama.decoding.base import Decoded, fast_argmax, max_tokens_for
 from speechllama.model.decoder import KVCache
 from speechllama.model.speechllama import SpeechLLaMA
-from speechllama.train.losses import multi_token_loss
 
 torch.set_num_threads(1)
-VOCAB, D, K, S, U = 40, 32, 4, 6, 20
-BOS, EOS, PAD = 1, 2, 0
+K, S, U = 4, 6, 20
 MAX_LEN = 128
 # Rows 0-3 replay training audio (long accepted blocks, EOS inside a block), rows 4-7 perturbed
 # audio (more rejections). A duration of 0.1 s caps a row at 16 + ceil(1.2) = 18 tokens, one
 # short of a training transcript (U - 1 = 19), so the limit cuts it inside an accepted block.
 DURATIONS = [1.0, 0.1, 1.0, 1.0, 1.0, 0.1, 1.0, 1.0]
 LENS = [6, 6, 4, 6, 5, 6, 6, 3]
-
-
-class Identity(nn.Module):
-    """Stand-in encoder: these tests feed audio embeddings straight to the decoder."""
-
-    output_dim = D
-
-    def forward(self, feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return feats, lens
 
 
 def _sequences(n: int, g: torch.Generator) -> torch.Tensor:
@@ -61,34 +56,12 @@ def _sequences(n: int, g: torch.Generator) -> torch.Tensor:
 def trained(kind: str, steps: int = 150) -> tuple[SpeechLLaMA, torch.Tensor, torch.Tensor]:
     """A K-head model fitted for ``steps`` Adam steps to 8 sequences with fixed random audio
     embeddings; returns it (eval, fp32) with decode audio (8, S, D) and lens (8,)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        encoder=EncoderConfig(n_mels=D),
-        adapter=AdapterConfig(kind="linear", stack=1),
-        decoder=DecoderConfig(
-            vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-            max_seq_len=MAX_LEN,
-        ),
-        heads=HeadsConfig(kind=kind, num_heads=K),
-        bos_id=BOS, eos_id=EOS, pad_id=PAD,
-    )  # fmt: skip
-    model = SpeechLLaMA(cfg, encoder=Identity()).train()
+    model = decoding_model(kind, K, MAX_LEN)
     g = torch.Generator().manual_seed(1)
     audio = torch.randn(8, S, D, generator=g)
     labels = _sequences(8, g)
-    tokens = torch.cat([torch.full((8, 1), BOS), labels[:, :-1]], dim=1)
-    lens, audio_lens = torch.full((8,), U), torch.full((8,), S)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        logits = model(audio, audio_lens, tokens, lens)
-        multi_token_loss(logits, labels, lens).total.backward()
-        opt.step()
-    model.eval()
-    test = torch.cat([audio[:4], audio[4:] + 0.7 * torch.randn(4, S, D, generator=g)])
-    for b, n in enumerate(LENS):
-        test[b, n:] = 0
-    return model, test, torch.tensor(LENS)
+    fit(model, audio, torch.full((8,), S), labels, steps)
+    return model, held_out(audio, 4, LENS, g), torch.tensor(LENS)
 
 
 @pytest.fixture(scope="module", params=["latent", "layer"])
@@ -99,11 +72,7 @@ def fitted(request: pytest.FixtureRequest) -> tuple[SpeechLLaMA, torch.Tensor, t
 def run(
     model: SpeechLLaMA, audio, lens, durations=DURATIONS, compact=True, **opts
 ) -> list[Decoded]:
-    with torch.inference_mode():
-        return decode(
-            model, get_strategy(DecodingOptions(**opts)), audio, lens, durations, eos_id=EOS,
-            pad_id=PAD, max_seq_len=MAX_LEN, compact=compact,
-        )  # fmt: skip
+    return run_decoding(model, audio, lens, durations, compact, **opts)
 
 
 def _greedy_margins(model: SpeechLLaMA, audio, lens, monkeypatch) -> float:
@@ -188,15 +157,12 @@ def test_rollback_leaves_nothing_visible(fitted, monkeypatch):
         self.v.copy_(torch.where(where, -noise, self.v))
         poisoned[0] += 1
 
-    fed: list[tuple[list[int], list[int]]] = []
-    real_step = model.step
-
-    def spy(tokens, cache, tree_mask=None, num_heads=None):
-        fed.append((tokens[:, 0].tolist(), cache.lengths.tolist()))
-        return real_step(tokens, cache, tree_mask, num_heads)
-
     monkeypatch.setattr(KVCache, "truncate", truncate_and_poison)
-    monkeypatch.setattr(model, "step", spy)
+    fed = record_steps(
+        model,
+        monkeypatch,
+        lambda tokens, cache, *_: (tokens[:, 0].tolist(), cache.lengths.tolist()),
+    )
     out = run(model, audio, lens, strategy="verify", compact=False)  # rows keep their index
     assert poisoned[0] == len(fed) > 0
     assert [d.tokens for d in out] == [d.tokens for d in greedy]
@@ -279,9 +245,7 @@ def test_topk_one_is_exact(fitted):
     model, audio, lens = fitted
     exact = run(model, audio, lens, strategy="verify", verify="exact")
     top1 = run(model, audio, lens, strategy="verify", verify="topk", topk=1)
-    assert [(d.tokens, d.decoder_calls, d.accepted_per_call) for d in top1] == [
-        (d.tokens, d.decoder_calls, d.accepted_per_call) for d in exact
-    ]
+    assert summary(top1) == summary(exact)
 
 
 def test_bad_options_are_clear_errors(fitted):
@@ -308,21 +272,6 @@ def test_fast_argmax_is_argmax_first_of_ties():
         assert torch.equal(fast_argmax(y), y.argmax(dim=-1))
 
 
-def _cache_bound_spy(model: SpeechLLaMA, lens: list[int], limits: list[int], monkeypatch):
-    """Spy on ``model.step``: record, per call, each row's cache length minus its bound
-    [audio][BOS] + limit - 1 (the most a row may hold: all but its last token), > 0 = overrun."""
-    over: list[list[int]] = []
-    real_step = model.step
-
-    def spy(tokens, cache, tree_mask=None, num_heads=None):
-        bound = [n + m for n, m in zip(lens, limits, strict=True)]
-        over.append([int(x) - c for x, c in zip(cache.lengths.tolist(), bound, strict=True)])
-        return real_step(tokens, cache, tree_mask, num_heads)
-
-    monkeypatch.setattr(model, "step", spy)
-    return over
-
-
 @pytest.mark.parametrize("kind", ["projection", "latent", "layer"])
 @pytest.mark.parametrize("heads", [3, 4])
 @pytest.mark.parametrize("eos", [EOS, -1])
@@ -335,16 +284,13 @@ def test_rows_at_their_limit_stay_inside_the_cache(kind, heads, eos, monkeypatch
     model, audio, lens = trained(kind)
     durations = [0.1] * len(LENS)  # every row's limit (18) cuts a 19-token transcript
     limits = [max_tokens_for(d, DecodingOptions()) for d in durations]
-    options = DecodingOptions(strategy="verify", num_heads=heads)
 
     def verify(audio, lens, durations) -> list[Decoded]:
-        with torch.inference_mode():  # finished rows stay (worst case) and keep their index
-            return decode(
-                model, get_strategy(options), audio, lens, durations, eos_id=eos, pad_id=PAD,
-                max_seq_len=MAX_LEN, compact=False,
-            )  # fmt: skip
+        # finished rows stay (worst case) and keep their index
+        return run(model, audio, lens, durations, compact=False, eos_id=eos, strategy="verify",
+                   num_heads=heads)  # fmt: skip
 
-    over = _cache_bound_spy(model, LENS, limits, monkeypatch)
+    over = cache_overruns(model, monkeypatch, LENS, limits)
     out = verify(audio, lens, durations)
     assert max(max(row) for row in over) <= 0, over
     if eos == -1:  # no EOS: every row runs to its limit, some finish calls before others
@@ -363,16 +309,7 @@ def test_compaction_changes_no_result(fitted, mode, monkeypatch):
     model, audio, lens = fitted
     opts = {"strategy": "verify", "verify": mode, "topk": 2}
     full = run(model, audio, lens, compact=False, **opts)
-    widths: list[int] = []
-    real_step = model.step
-
-    def spy(tokens, cache, tree_mask=None, num_heads=None):
-        widths.append(tokens.shape[0])
-        return real_step(tokens, cache, tree_mask, num_heads)
-
-    monkeypatch.setattr(model, "step", spy)
+    widths = record_steps(model, monkeypatch, lambda tokens, *_: tokens.shape[0])
     compacted = run(model, audio, lens, **opts)
-    assert [(d.tokens, d.decoder_calls, d.accepted_per_call) for d in compacted] == [
-        (d.tokens, d.decoder_calls, d.accepted_per_call) for d in full
-    ]
+    assert summary(compacted) == summary(full)
     assert widths[0] == len(LENS) and widths[-1] < len(LENS)
