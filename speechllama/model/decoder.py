@@ -300,8 +300,8 @@ class LlamaDecoder(nn.Module):
         each new token sees (must include itself); default causal (lower triangular).
 
         A new token sees the history slots ``< cache.lengths`` plus the new slots its row of the
-        new-token mask allows, nothing else (:func:`cached_attention_mask`). ``cache.lengths`` is not changed here: the caller
-        decides what becomes history (see ``SpeechLLaMA.step``).
+        new-token mask allows, nothing else (:func:`cached_attention_mask`). ``cache.lengths``
+        is not changed here: the caller decides what becomes history (see ``SpeechLLaMA.step``).
         """
         positions = slots if positions is None else positions
         top_len, top_slot, top_pos = torch.stack(
