@@ -6,7 +6,7 @@ loop is slow or fast; the same weights run through ``transformers`` are the base
 already knows. The peer gets the same audio embeddings as our strategies, as
 ``inputs_embeds = [audio embeddings][BOS embedding]``, so only the decoding loop differs.
 
-The weight mapping is the reverse of ``decoder.load_hf_llama``; our rotary layout ("halves")
+The weight mapping is the reverse of ``hf_llama.load_hf_llama``; our rotary layout ("halves")
 and RMSNorm are HF LLaMA's, so with a correct mapping HF's greedy output equals ours token for
 token (the bench reports that as ``identical_to_greedy``; anything below 1.0 is a bug here).
 Head 1 of any head kind whose next-token head is linear (every kind we have: ``latent``'s is
@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from speechllama.model.decoder import _HF_LAYER_NAMES
+from speechllama.model.hf_llama import HF_LAYER_NAMES
 
 if TYPE_CHECKING:
     from speechllama.bench_methods import EncodedBatch, Output
     from speechllama.model.speechllama import SpeechLLaMA
 
-_TO_HF = {ours: hf for hf, ours in _HF_LAYER_NAMES.items()}
+_TO_HF = {ours: hf for hf, ours in HF_LAYER_NAMES.items()}
 
 
 class HFPeerError(ValueError):

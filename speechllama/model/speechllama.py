@@ -19,8 +19,9 @@ from torch import nn
 
 from speechllama.model.adapter import Adapter
 from speechllama.model.config import ModelConfig
-from speechllama.model.decoder import KVCache, LlamaDecoder, hf_decoder_config, load_hf_llama
+from speechllama.model.decoder import KVCache, LlamaDecoder
 from speechllama.model.heads import build_heads
+from speechllama.model.hf_llama import hf_decoder_config, load_hf_llama
 
 # Decoder fields a pretrained LLM fixes; dropout and max_seq_len stay the run's choice.
 _STRUCTURAL = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
