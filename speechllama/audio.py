@@ -143,25 +143,36 @@ def _enforce_cap(path: Path, seconds: float, max_seconds: float | None) -> None:
 
 
 def load_audio(
-    path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = MAX_SECONDS
+    path: str | Path,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = MAX_SECONDS,
+    offset: float = 0.0,
+    duration: float | None = None,
 ) -> np.ndarray:
     """Decode ``path`` to a (num_samples,) float32 waveform in [-1, 1] at ``sample_rate``.
 
     Channels are averaged (any count: stereo, 5.1, ...), which keeps the level of a centred
     voice; mixing happens before resampling so soxr converts one channel instead of many.
     Resampling uses soxr's HQ preset (passband flat to ~0.9 Nyquist, >100 dB stopband).
-    ``max_seconds`` (None: no cap) is checked from the header before decoding.
+    ``offset``/``duration`` (seconds; None: to the end) select a segment of a longer recording,
+    as NeMo and Lhotse manifests do; only that segment is decoded, and ``max_seconds`` (None: no
+    cap) applies to it, checked from the header before decoding.
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
     path = Path(path)
     info = _info(path)
-    _enforce_cap(path, info.frames / info.samplerate, max_seconds)
+    start = round(offset * info.samplerate)
+    if offset < 0 or (offset > 0 and start >= info.frames):
+        raise AudioError(path, f"segment at {offset:g} s is past the end")
+    frames = -1 if duration is None else round(duration * info.samplerate)
+    span = info.frames - start if frames < 0 else min(frames, info.frames - start)
+    _enforce_cap(path, span / info.samplerate, max_seconds)
     truncated = _wav_truncation(path, info)
     if truncated:
         raise AudioError(path, truncated)
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
     except RuntimeError as e:  # soundfile.LibsndfileError: truncated FLAC/OGG, bad frames
         reason = f"truncated or corrupt audio data ({_libsndfile_reason(e)})"
         raise AudioError(path, reason) from None

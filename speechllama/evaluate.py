@@ -151,14 +151,11 @@ def _source(utt: Utterance) -> str | np.ndarray:
     as in NeMo/Lhotse manifests) the segment's samples. Raises ``AudioError``."""
     if not utt.offset:
         return utt.audio_filepath
-    from speechllama.audio import SAMPLE_RATE, AudioError, load_audio
+    from speechllama.audio import load_audio
 
-    wave = load_audio(utt.audio_filepath, max_seconds=None)
-    start = round(utt.offset * SAMPLE_RATE)
-    segment = wave[start : start + round(utt.duration * SAMPLE_RATE)]
-    if segment.size == 0:
-        raise AudioError(utt.audio_filepath, f"segment at {utt.offset:g} s is past the end")
-    return segment
+    return load_audio(
+        utt.audio_filepath, max_seconds=None, offset=utt.offset, duration=utt.duration
+    )
 
 
 def reference_ids(text: str, tokenizer: Any) -> list[int]:

@@ -182,3 +182,35 @@ def test_duration_cap(tmp_path: Path) -> None:
     assert "5.00 s" in str(err)
     _expect_error(path, "too long", lambda p: check_duration(p, max_seconds=2.5))
     assert len(load_audio(path, max_seconds=None)) == 16000 * 5
+
+
+def test_segment_is_the_slice_of_the_whole_file(tmp_path):
+    """offset/duration decode only [offset, offset + duration) of a longer recording; at the
+    native rate that is exactly the slice of the whole file, and the cap applies to the segment."""
+    rng = np.random.default_rng(0)
+    wave = (0.1 * rng.standard_normal(16000 * 40)).astype(np.float32)
+    path = tmp_path / "long.flac"
+    sf.write(path, wave, 16000, subtype="PCM_24")
+    whole = load_audio(path, max_seconds=None)
+    seg = load_audio(path, offset=31.5, duration=2.25)
+    np.testing.assert_array_equal(seg, whole[31 * 16000 + 8000 : 33 * 16000 + 12000])
+    assert load_audio(path, offset=39.0).shape[0] == 16000  # duration None: to the end
+    with pytest.raises(AudioError, match=r"long\.flac: segment at 41 s is past the end"):
+        load_audio(path, offset=41.0, duration=1.0)
+    with pytest.raises(AudioError, match=r"long\.flac: .*exceeds"):
+        load_audio(path)  # the whole 40 s file exceeds the default 30 s cap
+
+
+def test_train_load_wave_reads_manifest_segments(tmp_path):
+    from speechllama.data.manifest import Utterance
+    from speechllama.train.data import load_wave
+
+    wave = (0.1 * np.random.default_rng(1).standard_normal(16000 * 5)).astype(np.float32)
+    path = tmp_path / "five.wav"
+    sf.write(path, wave, 16000, subtype="FLOAT")
+    seg = Utterance(audio_filepath=str(path), text="x", duration=1.0, offset=2.0)
+    np.testing.assert_array_equal(load_wave(seg), wave[32000:48000])
+    head = Utterance(audio_filepath=str(path), text="x", duration=1.0)  # shorter than the file
+    np.testing.assert_array_equal(load_wave(head), wave[:16000])
+    whole = Utterance(audio_filepath=str(path), text="x", duration=5.0)
+    np.testing.assert_array_equal(load_wave(whole), wave)

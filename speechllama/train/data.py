@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from speechllama.audio import load_audio
+from speechllama.audio import audio_duration, load_audio
 from speechllama.features import compute_features
 from speechllama.text import BOS_ID, PAD_ID, Tokenizer, target_ids
 
@@ -77,12 +77,12 @@ class Batch:
 def load_wave(utt: Any) -> np.ndarray:
     """The utterance's samples (N,) float32 at 16 kHz: the whole file, or the segment
     [offset, offset + duration) when the row describes part of a longer recording."""
-    wave = load_audio(utt.audio_filepath, sample_rate=SAMPLE_RATE)
     offset = float(getattr(utt, "offset", 0.0) or 0.0)
-    if offset > 0 or wave.shape[0] > (utt.duration + _SEGMENT_SLACK) * SAMPLE_RATE:
-        start = round(offset * SAMPLE_RATE)
-        wave = wave[start : start + round(utt.duration * SAMPLE_RATE)]
-    return wave
+    if offset > 0 or audio_duration(utt.audio_filepath) > utt.duration + _SEGMENT_SLACK:
+        return load_audio(
+            utt.audio_filepath, sample_rate=SAMPLE_RATE, offset=offset, duration=utt.duration
+        )
+    return load_audio(utt.audio_filepath, sample_rate=SAMPLE_RATE)
 
 
 class SpeechDataset(torch.utils.data.Dataset):
