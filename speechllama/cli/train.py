@@ -18,6 +18,8 @@ _EPILOG = """examples:
   speechllama train --train data/train.jsonl --dev data/dev.jsonl --init exp/small/best \\
       --heads 4 --head-kind latent --freeze encoder adapter decoder --out exp/heads4
       # heads only: head 1 and the trunk stay as they are, the trunk runs once per utterance
+  speechllama train --train data/train.jsonl --dev data/dev.jsonl --init exp/mtp4/best \\
+      --mwer --mwer-nbest 4 --max-steps 500 --lr 1e-4 --warmup 50 --out exp/mtp4-mwer
 
 Writes OUT/step-NNNNNNNN/ checkpoints (the last --keep-last, with optimizer state for
 --resume), OUT/best/ (lowest dev WER), OUT/metrics.jsonl and OUT/tokenizer.model if trained."""
@@ -119,6 +121,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="auxiliary CTC loss weight (default: 0.3 if the model has a CTC head, else 0)",
     )
     opt.add_argument("--seed", type=int, default=0)
+
+    mw = p.add_argument_group("minimum word error rate (MWER) fine-tuning")
+    mw.add_argument(
+        "--mwer",
+        action="store_true",
+        help="fine-tune the --init model on its own N-best lists (beam search, no gradient): "
+        "loss = expected word errors relative to the list mean + --mwer-ce-weight x the usual "
+        "loss",
+    )
+    mw.add_argument("--mwer-nbest", type=int, default=4, metavar="N", help="list size (4)")
+    mw.add_argument(
+        "--mwer-ce-weight", type=float, default=0.01, metavar="W", help="CE weight (0.01)"
+    )
+    mw.add_argument(
+        "--mwer-beam-strategy",
+        metavar="NAME",
+        help="decoding strategy that makes the lists (default: the beam search the N-best "
+        "API picks for the model: prefix beam search for multi-token heads)",
+    )
+    mw.add_argument(
+        "--mwer-add-reference",
+        action="store_true",
+        help="add the reference to every list that lacks it (default: lists as decoded)",
+    )
 
     aug = p.add_argument_group("augmentation and encoder cache")
     aug.add_argument(
@@ -228,6 +254,11 @@ def _run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         progress=not args.no_progress,
         resume=args.resume,
+        mwer=args.mwer,
+        mwer_nbest=args.mwer_nbest,
+        mwer_ce_weight=args.mwer_ce_weight,
+        mwer_beam_strategy=args.mwer_beam_strategy,
+        mwer_add_reference=args.mwer_add_reference,
     )
     result = train(cfg)
     print(

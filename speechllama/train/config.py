@@ -36,6 +36,10 @@ class TrainConfig:
     given, else ``epochs`` passes over the data. ``ctc_weight`` None means 0.3 when the model
     has a CTC head and 0 otherwise. ``cache_copies`` applies only with a frozen encoder: copy 0 of
     every utterance is clean, copies 1.. are waveform-augmented (see ``train/cache.py``).
+    ``mwer``: minimum word error rate fine-tuning of the ``init`` model on its own
+    ``mwer_nbest``-best lists from the beam search ``mwer_beam_strategy`` (None: the one
+    ``decoding.nbest`` picks for the model), loss = MWER + ``mwer_ce_weight`` * the usual loss;
+    ``mwer_add_reference`` puts the reference into every list (see ``train/mwer.py``).
     """
 
     train_manifest: str
@@ -82,6 +86,11 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     resume: bool = False
+    mwer: bool = False
+    mwer_nbest: int = 4
+    mwer_ce_weight: float = 0.01
+    mwer_beam_strategy: str | None = None
+    mwer_add_reference: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,10 +117,20 @@ class TrainConfig:
             raise ValueError(f"ctc_weight must lie in [0, 1), got {self.ctc_weight}")
         if (self.preset is None) == (self.init is None):
             raise ValueError("give exactly one of a preset or an --init checkpoint")
+        if self.mwer:
+            self._check_mwer()
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(
                 f"save_dtype must be float32, bfloat16 or float16, not {self.save_dtype}"
             )
+
+    def _check_mwer(self) -> None:
+        if self.init is None:
+            raise ValueError("--mwer fine-tunes a trained model: give it with --init")
+        if self.mwer_nbest < 2 - self.mwer_add_reference:
+            raise ValueError(f"--mwer-nbest {self.mwer_nbest}: MWER needs at least 2 hypotheses")
+        if self.mwer_ce_weight < 0:
+            raise ValueError(f"--mwer-ce-weight must not be negative, got {self.mwer_ce_weight}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

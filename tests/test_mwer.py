@@ -1,0 +1,263 @@
+"""MWER training: the loss and its gradient by hand, teacher-forced hypothesis scores against the
+cached step API, word errors through the normaliser, the objective's list handling, and a tiny
+``speechllama train --mwer`` fine-tune."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import EOS, D, decoding_model, rand
+from test_train import make_corpus
+
+from speechllama.checkpoint import load_checkpoint, save_checkpoint
+from speechllama.cli import main
+from speechllama.evaluate import evaluate_results
+from speechllama.model.config import preset
+from speechllama.model.speechllama import SpeechLLaMA
+from speechllama.text import Tokenizer
+from speechllama.train import mwer
+from speechllama.train.config import TrainConfig
+from speechllama.train.data import collate
+from speechllama.train.mwer import (
+    MwerObjective,
+    hypothesis_batch,
+    mwer_loss,
+    sequence_log_probs,
+    word_errors,
+)
+
+torch.set_num_threads(1)
+
+# --- the loss --------------------------------------------------------------------------------
+
+
+def test_mwer_loss_and_gradient_match_the_hand_worked_example() -> None:
+    # Three hypotheses with log-scores s = log(0.5, 0.3, 0.2) + 1.7 (a shared offset: the
+    # renormalisation must remove it), so P = softmax(s) = (0.5, 0.3, 0.2), and word errors
+    # W = (0, 2, 4).
+    #   mean W       = (0 + 2 + 4) / 3                   = 2
+    #   E_P[W]       = 0.5 * 0 + 0.3 * 2 + 0.2 * 4        = 1.4
+    #   loss         = sum_i P_i (W_i - mean W) = E_P[W] - 2 = -0.6
+    # dP_i/ds_j = P_i (delta_ij - P_j), so dloss/ds_j = P_j ((W_j - 2) - (E_P[W] - 2))
+    #                                                = P_j (W_j - E_P[W]):
+    #   dloss/ds = (0.5 * (0 - 1.4), 0.3 * (2 - 1.4), 0.2 * (4 - 1.4)) = (-0.7, 0.18, 0.52)
+    # (they sum to 0: a shift of every score changes nothing).
+    # Row 2 is the same list padded to 4 with an invalid entry whose score is huge: it must get
+    # probability 0 and no gradient. Row 3 has no valid entry at all: loss 0, no NaN.
+    s = torch.log(torch.tensor([0.5, 0.3, 0.2])) + 1.7
+    scores = torch.stack([torch.cat([s, torch.tensor([50.0])])] * 2 + [torch.zeros(4)])
+    scores.requires_grad_(True)
+    errors = torch.tensor([[0, 2, 4, 0], [0, 2, 4, 9], [1, 1, 1, 1]])
+    valid = torch.tensor([[True, True, True, False]] * 2 + [[False] * 4])
+    loss, probs = mwer_loss(scores, errors, valid)
+    torch.testing.assert_close(loss, torch.tensor([-0.6, -0.6, 0.0]))
+    torch.testing.assert_close(probs[0], torch.tensor([0.5, 0.3, 0.2, 0.0]))
+    loss.sum().backward()
+    expected = torch.tensor([-0.7, 0.18, 0.52, 0.0])
+    torch.testing.assert_close(scores.grad, torch.stack([expected, expected, torch.zeros(4)]))
+
+
+def test_word_errors_go_through_the_normaliser_like_evaluate() -> None:
+    ref = "Two dogs barked at 3 cats."
+    hyps = [
+        "two dogs barked at three cats",  # the same words once normalised
+        "2 Dogs barked at 3 cats!",
+        "to dogs barked at three cats",  # 1 substitution
+        "two dogs barked",  # 3 deletions
+        "two big dogs barked at three cats",  # 1 insertion
+        "",
+    ]
+    got = word_errors(ref, hyps)
+    assert got == [0, 0, 1, 3, 1, 6]
+    for h, n in zip(hyps, got, strict=True):
+        r = evaluate_results([ref], [h])
+        assert r["substitutions"] + r["deletions"] + r["insertions"] == n
+    assert word_errors("", ["a b"]) == [2] and word_errors(ref, []) == []
+
+
+# --- teacher-forced scoring ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["latent", "layer"])
+def test_teacher_forced_scores_equal_summed_cached_step_log_probs(kind: str) -> None:
+    model = decoding_model(kind, 3, 64).eval()
+    audio, lens = rand(2, 6, D, seed=3), torch.tensor([6, 4])
+    hyps = [(5, 9, 11), (), (7,), (4, 4, 30, 12, 8)]  # one empty: the score is log p(EOS)
+    owners = [0, 0, 1, 1]
+    with torch.no_grad():
+        got = sequence_log_probs(model, *hypothesis_batch(audio, lens, owners, hyps, EOS))
+    for m, (b, hyp) in enumerate(zip(owners, hyps, strict=True)):
+        cache = model.new_cache(1, 32)
+        logits = model.prefill(audio[b : b + 1], lens[b : b + 1], cache)
+        total = 0.0
+        for token in [*hyp, EOS]:
+            total += float(logits[0, -1, 0].log_softmax(-1)[token])
+            logits = model.step(torch.tensor([[token]]), cache)
+        assert got[m].item() == pytest.approx(total, abs=1e-4)
+    # With gradient, in train mode: it reaches the decoder.
+    model.train()
+    sequence_log_probs(model, *hypothesis_batch(audio, lens, owners, hyps, EOS)).sum().backward()
+    assert model.decoder.embed.weight.grad.abs().sum() > 0
+
+
+# --- the objective on fixed lists ------------------------------------------------------------
+
+_WORDS = [a + b for a in "bcdfghjklm" for b in ("at", "og", "ip", "un")]
+
+
+class WordTokenizer:
+    """Stand-in tokenizer: id i >= 3 is one word."""
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(_WORDS[i - 3] for i in ids if i >= 3)
+
+
+def _batch_and_lists() -> tuple[object, list[str], list[list[tuple[int, ...]]]]:
+    targets = [[5, 9, 11, 6], [7, 8, 20]]
+    examples = [
+        {"inputs": rand(n, D, seed=10 + i), "target": [*t, EOS], "duration": 1.0, "index": i}
+        for i, (n, t) in enumerate(zip((6, 4), targets, strict=True))
+    ]
+    refs = [WordTokenizer().decode(t) for t in targets]
+    lists = [
+        [(5, 9, 12, 6), (5, 9, 11, 6), (5, 30, 12), (13, 14, 15, 16, 17)],  # 1, 0, 3, 5 errors
+        [(7, 8, 21), (7, 8, 20, 22), (9,)],  # 1, 1, 3
+    ]
+    return collate(examples), refs, lists
+
+
+def _objective(lists: list[list[tuple[int, ...]]], refs: list[str], **kw: object) -> MwerObjective:
+    return MwerObjective(WordTokenizer(), refs, lambda *_: lists, **kw)
+
+
+def test_objective_scores_lists_and_skips_single_hypothesis_lists() -> None:
+    model = decoding_model("latent", 2, 64)
+    batch, refs, lists = _batch_and_lists()
+    torch.manual_seed(0)
+    assert _objective(lists, refs).lists(model, batch) == lists
+    assert model.training  # N-best decoding ran in eval mode, the mode came back
+    # Reference added only where it is missing; duplicates dropped.
+    doubled = [lists[0] + [lists[0][0]], lists[1]]
+    got = _objective(doubled, refs, add_reference=True).lists(model, batch)
+    assert got == [lists[0], [*lists[1], (7, 8, 20)]]
+    # Utterance 0 alone (utterance 1 has one hypothesis: no signal, not in the mean).
+    model.eval()  # no dropout, so separate passes agree
+    single = [lists[0], lists[1][:1]]
+    obj = _objective(single, refs, ce_weight=0.0)
+    out = obj(model, batch)
+    errors = torch.tensor([[1, 0, 3, 5]])
+    emb, emb_lens = model.encode(batch.inputs, batch.input_lens)
+    scores = sequence_log_probs(model, *hypothesis_batch(emb, emb_lens, [0] * 4, lists[0], EOS))
+    alone, probs = mwer_loss(scores[None], errors, torch.ones(1, 4, dtype=torch.bool))
+    torch.testing.assert_close(out.total, alone[0])
+    stats = obj.pop_metrics()
+    words = 4 + 3
+    assert stats["mwer_lists"] == 1 and stats["mwer_hyps"] == 2.5
+    assert stats["mwer_oracle_wer"] == pytest.approx((0 + 1) / words)
+    assert stats["mwer_top_wer"] == pytest.approx((1 + 1) / words)
+    assert stats["mwer_expected_wer"] == pytest.approx(
+        (float((probs.detach() * errors).sum()) + 1) / words, rel=1e-5
+    )
+    # No list with two hypotheses: the MWER term is 0 and the total is ce_weight * CE.
+    out = _objective([lists[0][:1], lists[1][:1]], refs, ce_weight=0.5)(model, batch)
+    assert out.total.item() == pytest.approx(0.5 * out.ce, rel=1e-6)
+
+
+def test_mwer_steps_lower_the_expected_word_errors_of_a_fixed_list() -> None:
+    model = decoding_model("latent", 2, 64)
+    batch, refs, lists = _batch_and_lists()
+    obj = _objective(lists, refs, ce_weight=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    expected, losses = [], []
+    for _ in range(8):
+        opt.zero_grad()
+        out = obj(model, batch)
+        out.total.backward()
+        opt.step()
+        stats = obj.pop_metrics()
+        expected.append(stats["mwer_expected_wer"])
+        losses.append(stats["mwer_loss"])
+    # Probability mass moves to the hypotheses with fewer errors than the list's mean.
+    assert expected[-1] < 0.6 * expected[0] and losses[-1] < losses[0] - 0.5
+
+
+# --- a tiny `speechllama train --mwer` --------------------------------------------------------
+
+
+def _sampled_nbest(n: int, strategy: str | None) -> mwer.NBestFn:
+    """Stand-in for the beam search while it is not available: n ancestral samples of head 1
+    through the cached step API."""
+
+    def run(model, audio, lens, durations):
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for b in range(audio.shape[0]):
+            limit = 16 + math.ceil(12 * durations[b])
+            hyps = []
+            for _ in range(n):
+                cache = model.new_cache(1, int(lens[b]) + limit + 2)
+                logits = model.prefill(audio[b : b + 1], lens[b : b + 1], cache)
+                tokens: list[int] = []
+                while True:
+                    probs = logits[0, -1, 0].float().softmax(-1)
+                    t = int(torch.multinomial(probs, 1, generator=g))
+                    if t == EOS or len(tokens) == limit:
+                        break
+                    tokens.append(t)
+                    logits = model.step(torch.tensor([[t]]), cache)
+                hyps.append(tuple(tokens))
+            out.append(hyps)
+        return out
+
+    return run
+
+
+def test_train_mwer_fine_tunes_a_multi_token_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    try:
+        import speechllama.decoding.nbest  # noqa: F401
+    except ImportError:
+        monkeypatch.setattr(mwer, "default_nbest", _sampled_nbest)
+    manifest, tok = make_corpus(tmp_path)
+    tokenizer = Tokenizer.load(tok)
+    torch.manual_seed(0)
+    cfg = preset("tiny", tokenizer.vocab_size)
+    heads = dataclasses.replace(cfg.heads, kind="latent", num_heads=2)
+    base = SpeechLLaMA(cfg.replace(heads=heads))
+    init = save_checkpoint(base, tokenizer, tmp_path / "init")
+    with pytest.raises(ValueError, match="--init"):
+        TrainConfig(train_manifest=str(manifest), out_dir=str(tmp_path / "x"), mwer=True)
+    code = main([
+        "train", "--train", str(manifest), "--init", str(init), "--out", str(tmp_path / "o"),
+        "--mwer", "--mwer-nbest", "3", "--mwer-ce-weight", "0.1", "--max-steps", "3",
+        "--max-duration", "1.6", "--warmup", "1", "--lr", "3e-3", "--log-every", "1",
+        "--threads", "1", "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    trained, _, doc = load_checkpoint(tmp_path / "o" / "step-00000003")
+    train_cfg = doc["training"]["train_config"]
+    assert (train_cfg["mwer"], train_cfg["mwer_nbest"], train_cfg["mwer_ce_weight"]) == (
+        True, 3, 0.1,
+    )  # fmt: skip
+    assert trained.config.heads.num_heads == 2
+    old, new = base.state_dict(), trained.state_dict()
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+    events = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").open()]
+    logged = [e for e in events if e["event"] == "train"]
+    assert [e["step"] for e in logged] == [1, 2, 3]
+    for e in logged:
+        assert math.isfinite(e["mwer_loss"]) and math.isfinite(e["loss"])
+        # The oracle is the best of each list, the first hypothesis one of them, and the
+        # expectation a mixture: oracle <= expected, and oracle <= top.
+        assert 0 <= e["mwer_oracle_wer"] <= e["mwer_expected_wer"] + 1e-9
+        assert e["mwer_oracle_wer"] <= e["mwer_top_wer"]
+        assert e["mwer_hyps"] > 1 and e["mwer_lists"] >= 1
+        # The MWER term lies between min W - mean W and max W - mean W, so its magnitude is
+        # at most the largest word-error count of any list.
+        assert abs(e["mwer_loss"]) < 100
