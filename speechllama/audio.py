@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "audio_duration",
     "check_duration",
     "load_audio",
+    "read_blocks",
 ]
 
 SAMPLE_RATE = 16000
@@ -32,8 +34,9 @@ SAMPLE_RATE = 16000
 
 MAX_SECONDS = 30.0
 """Default cap on one utterance: Whisper's encoder window, and far above any training utterance.
-Longer recordings need segmentation first (not done here); the cap stops a 2-hour file from
-being decoded into memory and pushed through the model as one sequence."""
+Longer recordings are cut at pauses first (``speechllama.segment``, which reads them with
+``read_blocks``); the cap stops a 2-hour file from being decoded into memory and pushed through
+the model as one sequence."""
 
 # WAV headers written by a pipe (sox/ffmpeg to stdout) leave the data size unknown.
 _UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
@@ -178,9 +181,38 @@ def load_audio(
         raise AudioError(path, reason) from None
     if data.shape[0] == 0:
         raise AudioError(path, "no audio samples (empty recording)")
-    if not np.isfinite(data).all():
-        raise AudioError(path, "contains NaN or infinite samples")
-    wave = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
+    wave = _mono(path, data, start / info.samplerate)
     if rate != sample_rate:
         wave = soxr.resample(wave, rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def _mono(path: Path, data: np.ndarray, at: float) -> np.ndarray:
+    """(frames, channels) -> (frames,) channel mean; non-finite samples raise (``at``: the
+    block's start in seconds, for the message)."""
+    if not np.isfinite(data).all():
+        where = f" (first near {at:.1f} s)" if at else ""
+        raise AudioError(path, f"contains NaN or infinite samples{where}")
+    return data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
+
+
+def read_blocks(path: str | Path, block_seconds: float = 10.0) -> Iterator[tuple[np.ndarray, int]]:
+    """Yield ``(samples, rate)`` blocks of about ``block_seconds`` of ``path`` in order: mono
+    float32 at the file's own rate, with ``load_audio``'s checks (bad header, truncation,
+    non-finite samples, corrupt data raise :class:`AudioError`). Holds one block at a time, so
+    a recording of any length is scanned in bounded memory."""
+    path = Path(path)
+    info = _info(path)
+    truncated = _wav_truncation(path, info)
+    if truncated:
+        raise AudioError(path, truncated)
+    size = max(1, round(block_seconds * info.samplerate))
+    done = 0
+    try:
+        for data in sf.blocks(str(path), blocksize=size, dtype="float32", always_2d=True):
+            yield _mono(path, data, done / info.samplerate), info.samplerate
+            done += data.shape[0]
+    except RuntimeError as e:  # soundfile.LibsndfileError: truncated FLAC/OGG, bad frames
+        at = done / info.samplerate
+        reason = f"truncated or corrupt audio data near {at:.1f} s ({_libsndfile_reason(e)})"
+        raise AudioError(path, reason) from None
