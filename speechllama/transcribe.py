@@ -5,6 +5,13 @@ Batches are formed in duration-sorted order (similar lengths waste little paddin
 back in input order. A bad file in a list becomes a ``DecodingResult`` with ``error`` set and
 the rest of the list is still transcribed; a single bad input raises its ``AudioError``.
 
+Long and silent audio: an input longer than ``MAX_SECONDS`` is cut at its pauses
+(``speechllama.segment``, read block by block) and its pieces are batched like any other input,
+each loaded on its own, so memory stays bounded whatever the length; the pieces' results are
+joined into one result per input (``extra["segments"]``). Audio with no frame above the
+silence floor (digital silence, faint hiss) gets an empty transcript without a decoder call, so a
+model is never asked to invent words for nothing.
+
 Timing: ``encoder_seconds`` covers feature extraction, the encoder and the adapter (a batch's
 share is split by audio duration); ``decoder_seconds`` covers the prefill and every decoder call
 (see ``decoding.base.decode``). Reading and resampling files is not counted: it is I/O.
@@ -24,8 +31,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from speechllama.audio import MAX_SECONDS
 from speechllama.decoding import DecodingOptions, DecodingResult, get_strategy
 from speechllama.decoding.base import Strategy, decode
+from speechllama.segment import Segment, segment_array, segment_file
 
 if TYPE_CHECKING:
     from speechllama.model.speechllama import SpeechLLaMA
@@ -39,15 +48,32 @@ BUNDLED_MODELS = Path(str(importlib.resources.files("speechllama") / "models"))
 
 
 class _Item:
-    """One input: where it came from and (once known) its duration in seconds."""
+    """One input, or one piece of a long input (``piece``: its span, in seconds): where it
+    came from and (once known) its duration in seconds."""
 
-    __slots__ = ("duration", "index", "name", "source")
+    __slots__ = ("duration", "index", "name", "piece", "source")
 
-    def __init__(self, index: int, source: AudioInput) -> None:
+    def __init__(self, index: int, source: AudioInput, piece: Segment | None = None) -> None:
         self.index = index
         self.source = source
         self.name = None if isinstance(source, np.ndarray) else os.fspath(source)
-        self.duration = 0.0
+        self.piece = piece
+        self.duration = 0.0 if piece is None else piece.duration
+
+    def load(self) -> np.ndarray:
+        """The item's 16 kHz mono samples (a piece: only its span is decoded)."""
+        from speechllama.audio import load_audio
+
+        if isinstance(self.source, np.ndarray):
+            wave = _check_array(self.source)
+            if self.piece is None:
+                return wave
+            return wave[round(self.piece.start * SAMPLE_RATE) : round(self.piece.end * SAMPLE_RATE)]
+        if self.piece is None:
+            return load_audio(self.source, sample_rate=SAMPLE_RATE)
+        return load_audio(
+            self.source, SAMPLE_RATE, None, offset=self.piece.start, duration=self.piece.duration
+        )
 
 
 class Transcriber:
@@ -102,59 +128,68 @@ class Transcriber:
     ) -> Iterator[tuple[int, DecodingResult]]:
         """Yield ``(input index, result)`` as each batch finishes (duration-sorted order), so
         callers can write results out as they come."""
-        from speechllama.audio import AudioError, audio_duration
+        from speechllama.audio import AudioError
 
         options = options or DecodingOptions()
         strategy = get_strategy(options)
         items: list[_Item] = []
+        pieces: dict[int, _Pieces] = {}
         for index, source in enumerate(inputs):
-            item = _Item(index, source)
             try:
-                if isinstance(source, np.ndarray):
-                    item.duration = _check_array(source).shape[0] / SAMPLE_RATE
-                else:
-                    item.duration = audio_duration(source)
+                parts, seconds = _split(index, source)
             except AudioError as exc:
                 if raise_errors:
                     raise
-                yield index, _failed(item, exc)
+                yield index, _failed(_Item(index, source), exc)
                 continue
-            items.append(item)
+            if not parts:  # a long input without speech
+                yield index, _empty(_Item(index, source), seconds)
+                continue
+            if parts[0].piece is not None:
+                pieces[index] = _Pieces(len(parts), seconds)
+            items.extend(parts)
         items.sort(key=lambda it: it.duration)
         size = max(1, options.batch_size)
         for start in range(0, len(items), size):
-            yield from self._batch(items[start : start + size], options, strategy, raise_errors)
+            batch = items[start : start + size]
+            for item, result in self._batch(batch, options, strategy, raise_errors):
+                if item.piece is None:
+                    yield item.index, result
+                    continue
+                joined = pieces[item.index].add(item.piece, result)
+                if joined is not None:
+                    del pieces[item.index]
+                    yield item.index, joined
 
     def _batch(
         self, items: list[_Item], options: DecodingOptions, strategy: Strategy, raise_errors: bool
-    ) -> Iterator[tuple[int, DecodingResult]]:
-        from speechllama.audio import AudioError, load_audio
+    ) -> Iterator[tuple[_Item, DecodingResult]]:
+        from speechllama.audio import AudioError
         from speechllama.features import feature_frames
+        from speechllama.segment import is_silent
 
         kind = self.config.encoder.features
         waves: list[np.ndarray] = []
         kept: list[_Item] = []
         for item in items:
             try:
-                if isinstance(item.source, np.ndarray):
-                    wave = _check_array(item.source)
-                else:
-                    wave = load_audio(item.source, sample_rate=SAMPLE_RATE)
+                wave = item.load()
                 if feature_frames(wave.shape[0], kind) < 1:  # would fail the whole batch
                     name = item.name or "audio array"
                     secs = wave.shape[0] / SAMPLE_RATE
                     raise AudioError(name, f"too short ({secs * 1000:.0f} ms) for one frame")
+                if is_silent(wave, SAMPLE_RATE):
+                    yield item, _empty(item, wave.shape[0] / SAMPLE_RATE)
+                    continue
             except AudioError as exc:
                 if raise_errors:
                     raise
-                yield item.index, _failed(item, exc)
+                yield item, _failed(item, exc)
                 continue
             waves.append(wave)
             kept.append(item)
         if kept:
-            yield from zip(
-                (it.index for it in kept), self._decode(kept, waves, options, strategy), strict=True
-            )
+            yield from zip(kept, self._decode(kept, waves, options, strategy), strict=True)
 
     def _decode(
         self, items: list[_Item], waves: list[np.ndarray], options: DecodingOptions, strategy
@@ -244,6 +279,74 @@ def _failed(item: _Item, exc: Exception) -> DecodingResult:
     )
 
 
+def _empty(item: _Item, seconds: float) -> DecodingResult:
+    """The result for audio without speech: an empty transcript, no decoder call."""
+    return DecodingResult(
+        text="", tokens=(), decoder_calls=0, audio_seconds=seconds, audio_filepath=item.name
+    )
+
+
+def _split(index: int, source: AudioInput) -> tuple[list[_Item], float]:
+    """The items to transcribe for one input (itself, or when longer than ``MAX_SECONDS`` its
+    speech segments: none for a long input without speech) and its duration in seconds. Only
+    a file's header and frame energies are read here. Raises ``AudioError``."""
+    from speechllama.audio import audio_duration
+
+    item = _Item(index, source)
+    if isinstance(source, np.ndarray):
+        wave = _check_array(source)
+        item.duration = wave.shape[0] / SAMPLE_RATE
+        spans = segment_array(wave, SAMPLE_RATE) if item.duration > MAX_SECONDS else None
+    else:
+        item.duration = audio_duration(source)
+        spans = segment_file(source) if item.duration > MAX_SECONDS else None
+    if spans is None:
+        return [item], item.duration
+    return [_Item(index, source, span) for span in spans], item.duration
+
+
+class _Pieces:
+    """Collects the results of one long input's pieces; ``add`` returns the joined result
+    once the last piece is in (pieces finish in duration order, not in time order)."""
+
+    def __init__(self, count: int, seconds: float) -> None:
+        self.count = count
+        self.seconds = seconds
+        self.done: list[tuple[float, DecodingResult]] = []
+
+    def add(self, piece: Segment, result: DecodingResult) -> DecodingResult | None:
+        self.done.append((piece.start, result))
+        if len(self.done) < self.count:
+            return None
+        self.done.sort(key=lambda pair: pair[0])
+        joined = join_results([r for _, r in self.done])
+        return dataclasses.replace(joined, audio_seconds=self.seconds)
+
+
+def join_results(parts: Sequence[DecodingResult]) -> DecodingResult:
+    """One result from the results of consecutive pieces of one input (in time order): texts
+    joined by a space, tokens concatenated, calls, histograms and seconds summed
+    (``extra["segments"]``: how many); the first error, if any, fails the whole input."""
+    error = next((p.error for p in parts if p.error is not None), None)
+    histogram: list[int] = []
+    for p in parts:
+        for i, n in enumerate(p.accepted_per_call):
+            histogram.extend([0] * (i + 1 - len(histogram)))
+            histogram[i] += n
+    return DecodingResult(
+        text="" if error else " ".join(p.text.strip() for p in parts if p.text.strip()),
+        tokens=() if error else tuple(t for p in parts for t in p.tokens),
+        decoder_calls=sum(p.decoder_calls for p in parts),
+        accepted_per_call=tuple(histogram),
+        encoder_seconds=sum(p.encoder_seconds for p in parts),
+        decoder_seconds=sum(p.decoder_seconds for p in parts),
+        audio_seconds=sum(p.audio_seconds for p in parts),
+        audio_filepath=parts[0].audio_filepath,
+        error=error,
+        extra={"segments": float(len(parts))},
+    )
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike | None) -> Path:
     """None or ``"default"`` -> the bundled default model; a bundled name -> that model;
     anything else must be a checkpoint directory. Missing ones raise ``FileNotFoundError``.
@@ -265,8 +368,20 @@ def resolve_model_dir(name_or_path: str | os.PathLike | None) -> Path:
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu") -> Transcriber:
     """Load a checkpoint directory (config.json + model.safetensors + tokenizer.model) or a
-    bundled model by name (None or ``"default"``: the default model)."""
+    bundled model by name (None or ``"default"``: the default model). A sourced preset name
+    (``"smollm"``) with no bundled checkpoint builds that preset from its installed packages,
+    adapter and heads untrained (``meta`` is then ``{"preset": name}``)."""
     from speechllama.checkpoint import load_checkpoint
+    from speechllama.model.config import SOURCED_PRESETS
 
-    model, tokenizer, meta = load_checkpoint(resolve_model_dir(name_or_path), device=device)
+    try:
+        path = resolve_model_dir(name_or_path)
+    except FileNotFoundError:
+        if not isinstance(name_or_path, str) or name_or_path not in SOURCED_PRESETS:
+            raise
+        from speechllama.model.sourced import model_from_preset
+
+        model, tokenizer = model_from_preset(name_or_path, device=device)
+        return Transcriber(model, tokenizer, {"preset": name_or_path})
+    model, tokenizer, meta = load_checkpoint(path, device=device)
     return Transcriber(model, tokenizer, meta)
