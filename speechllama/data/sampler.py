@@ -7,6 +7,15 @@ then cost about the same, so memory is bounded and steps are comparable.
 The order is a pure function of ``(seed, epoch)``: :meth:`DurationBucketSampler.epoch_batches`
 recomputes any epoch's batches exactly, which is what makes mid-epoch resumption reproducible
 (the training loop stores ``(epoch, batches_done)`` and :meth:`resume` skips that many).
+
+Distributed training (``rank``/``world_size``): every rank computes the same global batch list
+(the one a single process gets) and takes every ``world_size``-th batch from position ``rank``,
+so ranks see disjoint batches, each within the same duration budget (similar work per rank), and
+one global optimizer step of ``world_size`` ranks x ``grad_accum`` micro-batches holds exactly
+the batches a single process with ``world_size * grad_accum`` accumulation steps would see. The
+last ``len % world_size`` batches of an epoch are left out (a different few each epoch, as the
+order is reshuffled), because every rank must run the same number of steps; with one process
+nothing is left out. ``batches_done`` counts this rank's batches.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ class DurationBucketSampler:
     epoch shuffles inside every bucket, packs each bucket greedily into batches, then shuffles the
     batches across buckets. An utterance longer than ``max_duration`` forms a batch on its own
     rather than being dropped silently. ``max_batch_size`` optionally caps the count as well.
+    ``rank``/``world_size``: this process's share of every epoch (see the module docstring).
     """
 
     def __init__(
@@ -36,6 +46,8 @@ class DurationBucketSampler:
         shuffle: bool = True,
         seed: int = 0,
         max_batch_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if max_duration <= 0:
             raise ValueError(f"max_duration must be positive, got {max_duration}")
@@ -43,6 +55,8 @@ class DurationBucketSampler:
             raise ValueError(f"num_buckets must be at least 1, got {num_buckets}")
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of world_size {world_size} ranks")
         self.durations = np.asarray(durations, dtype=np.float64)
         if self.durations.ndim != 1 or (self.durations < 0).any():
             raise ValueError("durations must be a flat sequence of non-negative seconds")
@@ -51,6 +65,7 @@ class DurationBucketSampler:
         self.shuffle = shuffle
         self.seed = seed
         self.max_batch_size = max_batch_size
+        self.rank, self.world_size = rank, world_size
         # Stable sort so equal durations keep manifest order: the buckets do not depend on
         # the sort algorithm's tie-breaking.
         order = np.argsort(self.durations, kind="stable")
@@ -59,7 +74,14 @@ class DurationBucketSampler:
         self._start = 0
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """All batches of ``epoch`` in order; deterministic in ``(seed, epoch)``."""
+        """This rank's batches of ``epoch`` in order; deterministic in ``(seed, epoch)`` (and
+        the rank and world size). With one process: all of them."""
+        batches = self.global_batches(epoch)
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[self.rank : usable : self.world_size]
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch`` in the order a single process sees them."""
         rng = np.random.default_rng([self.seed, epoch])
         batches: list[list[int]] = []
         for bucket in self._buckets:

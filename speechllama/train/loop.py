@@ -14,6 +14,10 @@ at optimizer-step boundaries, where no accumulated gradient is pending.
 
 Throughput (``audio_h_per_h``) is training audio hours per wall-clock hour of training,
 data loading included, evaluation and checkpoint writing excluded.
+
+Under ``torchrun`` each process is one rank of a data-parallel run (``train/distributed.py``):
+its own share of the batches, gradients averaged across ranks, metrics over all ranks, files
+written and dev sets evaluated by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ from tqdm import tqdm
 
 from speechllama.checkpoint import TMP_MARK, list_checkpoints, load_train_state, save_checkpoint
 from speechllama.data.sampler import DurationBucketSampler
+from speechllama.train import distributed
 from speechllama.train.build import build_model, provenance, resolve_tokenizer
 from speechllama.train.config import TrainConfig
 from speechllama.train.data import Batch, collate
 from speechllama.train.freeze import plan_run
-from speechllama.train.metrics import MetricsLog, dev_line
+from speechllama.train.metrics import dev_line
 from speechllama.train.mwer import MwerObjective
 from speechllama.train.schedule import build_scheduler
 from speechllama.train.setup import prepare_data
@@ -45,6 +50,7 @@ from speechllama.train.step import compute_loss
 from speechllama.train.validate import validate
 
 STEP_PREFIX = "step-"
+TOKENIZER = "tokenizer.model"  # where a run trains its tokenizer (resolve_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -61,20 +67,23 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) the training that ``cfg`` describes; see the module docstring."""
-    return Trainer(cfg).run()
+    with distributed.session() as ctx:
+        return Trainer(cfg, ctx).run()
 
 
 class Trainer:
     """One run's state: model, data, optimizer, counters. ``run()`` executes it."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, ctx: distributed.DistContext | None = None) -> None:
         self.cfg = cfg
+        self.dist = ctx or distributed.current()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.out = out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp(out)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.dist.is_main:
+            _remove_stale_tmp(out)
+        self.device = self.dist.device
         torch.manual_seed(cfg.seed)
 
         existing = list_checkpoints(out, STEP_PREFIX)
@@ -94,7 +103,9 @@ class Trainer:
                 raise ValueError(f"{self.resumed_from}: cannot resume with changed {changed}")
             model, tokenizer = build_model(None, str(self.resumed_from), None, ctc=False)
         else:
-            model, tokenizer = self._fresh_model()
+            with distributed.main_first(self.dist):  # rank 0 may write the tokenizer
+                model, tokenizer = self._fresh_model()
+        distributed.seed_rank(cfg.seed, self.dist)
         self.model, self.tokenizer = model, tokenizer
         model.to(self.device).train()
         plan = plan_run(cfg, model)
@@ -107,15 +118,23 @@ class Trainer:
                 "next-token model freezes its one head; add heads with --heads K)"
             )
 
-        self.data = prepare_data(cfg, model, tokenizer, self.device, out, hidden=plan.hidden)
+        with distributed.main_first(self.dist):  # rank 0 builds the caches, the others read
+            self.data = prepare_data(cfg, model, tokenizer, self.device, out, hidden=plan.hidden)
         self.mwer = MwerObjective.for_run(cfg, tokenizer, self.data) if cfg.mwer else None
         self._pin_frozen()  # building caches may have changed train/eval modes
+        unused = getattr(model, "ctc_head", None) is not None and not self.ctc_weight
+        self.wrapped = distributed.Trainable(
+            model, self._loss, self.dist, fsdp=cfg.fsdp, find_unused=unused
+        )
+        self.params = self.wrapped.parameters(self.params)
         self.sampler = DurationBucketSampler(
             self.data.train.durations,
             cfg.max_duration,
             num_buckets=cfg.num_buckets,
             seed=cfg.seed,
             max_batch_size=cfg.max_batch_size,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         per_epoch = max(1, math.ceil(len(self.sampler.epoch_batches(0)) / cfg.grad_accum))
         self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
@@ -142,23 +161,29 @@ class Trainer:
         self._accum = 0  # micro-batches whose gradients are pending
         self._mark = time.perf_counter()
         self.window: list[tuple[float, float, float]] = []  # (loss, ce, ctc) per micro-batch
+        self._step_window: list[tuple[float, float, float]] = []  # this step's, this rank's
+        self._step_audio = 0.0
         self.last_loss = math.nan
         self.grad_norm = math.nan
         self.per_head: tuple[float, ...] = ()
         if state:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.wrapped.load_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
+            distributed.restore_rng(state, self.dist, self.resumed_from)
             if state.get("cuda_rng") and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             for key in ("step", "epoch", "batches_done", "audio_seconds", "train_seconds"):
                 setattr(self, key, state[key])
             self.best = state.get("best") or {}
-        self.log = MetricsLog(out / "metrics.jsonl")
+        self.log = distributed.main_log(out / "metrics.jsonl", self.dist)
 
     def _pin_frozen(self) -> None:
         for part in self.cfg.freeze:
             getattr(self.model, part).eval()
+
+    def _loss(self, model: torch.nn.Module, batch: Batch, **kwargs: Any) -> Any:
+        """The training objective: what DDP/FSDP run as the wrapped model's forward."""
+        return (self.mwer or compute_loss)(model, batch, **kwargs)
 
     def _fresh_model(self) -> tuple[torch.nn.Module, Any]:
         cfg = self.cfg
@@ -168,7 +193,9 @@ class Trainer:
                 from speechllama.data.manifest import load_manifest
 
                 texts = [u.text for u in load_manifest(cfg.train_manifest)]
-            tok = resolve_tokenizer(cfg.tokenizer, cfg.text, texts, self.out, cfg.vocab_size)
+            # Ranks > 0 load the tokenizer rank 0 has just trained (main_first).
+            given = cfg.tokenizer or (None if self.dist.is_main else str(self.out / TOKENIZER))
+            tok = resolve_tokenizer(given, cfg.text, texts, self.out, cfg.vocab_size)
         else:
             tok = None  # the --init checkpoint's own
         heads = {
@@ -198,7 +225,8 @@ class Trainer:
             device=str(self.device),
             ctc_weight=self.ctc_weight,
         )
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not cfg.progress)
+        quiet = not cfg.progress or not self.dist.is_main
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=quiet)
         last_dev: dict[str, Any] | None = None
         last_saved = self.step if self.resumed_from else -1
         try:
@@ -214,7 +242,8 @@ class Trainer:
                 if data.dev_batches and (self.step % cfg.eval_every == 0 or final):
                     last_dev = self._evaluate()
                     self._pin_frozen()  # evaluation put the whole model back in train mode
-                    bar.write(f"step {self.step}: {dev_line(last_dev)}")
+                    if last_dev is not None:  # rank 0's
+                        bar.write(f"step {self.step}: {dev_line(last_dev)}")
                 if self.step % cfg.save_every == 0 or final:
                     self._save_step()
                     last_saved = self.step
@@ -270,26 +299,33 @@ class Trainer:
         """Forward/backward one micro-batch; True when it completed an optimizer step."""
         cfg = self.cfg
         batch = batch.to(self.device)
-        out = (self.mwer or compute_loss)(
-            self.model,
-            batch,
-            ctc_weight=self.ctc_weight,
-            head_weights=self.head_weights,
-            bf16=cfg.bf16,
-            spec_augment=self.data.spec_augment,
-        )
-        if torch.isfinite(out.total):
-            (out.total / cfg.grad_accum).backward()
-            self.window.append((float(out.total.detach()), out.ce, out.ctc))
+        with self.wrapped.accumulating(sync=self._accum + 1 == cfg.grad_accum):
+            out = self.wrapped.forward(
+                batch,
+                ctc_weight=self.ctc_weight,
+                head_weights=self.head_weights,
+                bf16=cfg.bf16,
+                spec_augment=self.data.spec_augment,
+            )
+            finite = distributed.all_finite(out.total, self.dist)  # every rank skips, or none
+            self.wrapped.backward(out.total / cfg.grad_accum, finite, self.params)
+        if finite:
+            self._step_window.append((float(out.total.detach()), out.ce, out.ctc))
             self.per_head = out.per_head
         else:
             self.log.write("skipped_batch", step=self.step, indices=batch.indices)
-        self.audio_seconds += batch.audio_seconds
+        self._step_audio += batch.audio_seconds
         self._accum += 1
         if self._accum < cfg.grad_accum:
             return False
         self._accum = 0
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip or math.inf))
+        entries, self.per_head, audio = distributed.gather_step(
+            self._step_window, self.per_head, self._step_audio, self.dist
+        )  # all ranks' micro-batches
+        self.window.extend(entries)
+        self.audio_seconds += audio
+        self._step_window, self._step_audio = [], 0.0
+        self.grad_norm = self.wrapped.clip_grad_norm(self.params, cfg.clip or math.inf)
         self.optimizer.step()
         if self.pin is not None:
             self.pin.restore()
@@ -324,9 +360,16 @@ class Trainer:
         )
         self.window.clear()
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _evaluate(self) -> dict[str, Any] | None:
+        """Dev metrics, measured by rank 0 (None on the other ranks, which wait for it)."""
+        model = self.wrapped.full_model()
+        metrics = self._evaluate_on(model) if model is not None else None
+        distributed.barrier(self.dist)
+        return metrics
+
+    def _evaluate_on(self, model: torch.nn.Module) -> dict[str, Any]:
         metrics = validate(
-            self.model,
+            model,
             self.tokenizer,
             self.data.dev_batches,
             self.data.dev_texts,
@@ -341,15 +384,22 @@ class Trainer:
         if not self.best or key < (self.best["dev_wer"], self.best["dev_loss"]):
             self.best = {"step": self.step, "dev_wer": key[0], "dev_loss": key[1]}
             save_checkpoint(
-                self.model, self.tokenizer, self.out / "best", self._meta(), None,
+                model, self.tokenizer, self.out / "best", self._meta(), None,
                 dtype=self.cfg.save_dtype,
             )  # fmt: skip
             self.log.write("best", step=self.step, path=str(self.out / "best"))
         return metrics
 
     def _save_step(self) -> Path:
-        """A resumable checkpoint; always float32, so resuming loses no precision."""
+        """A resumable checkpoint, written by rank 0 (the other ranks wait); always float32, so
+        resuming loses no precision."""
         path = self.out / f"{STEP_PREFIX}{self.step:08d}"
+        model = self.wrapped.full_model()  # the collectives first, on every rank
+        optimizer = self.wrapped.optimizer_state(self.optimizer)
+        rank_rng = distributed.rank_rng_states(self.dist)
+        if model is None:
+            distributed.barrier(self.dist)
+            return path
         train_state = {
             "step": self.step,
             "epoch": self.epoch,
@@ -358,15 +408,18 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "best": self.best,
             "train_config": self.cfg.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "rank_rng": rank_rng,
+            "world_size": self.dist.world_size,
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
-        save_checkpoint(self.model, self.tokenizer, path, self._meta(), train_state)
+        save_checkpoint(model, self.tokenizer, path, self._meta(), train_state)
         for old in list_checkpoints(self.out, STEP_PREFIX)[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         self.log.write("checkpoint", step=self.step, path=str(path))
+        distributed.barrier(self.dist)
         return path
 
     def _epochs_done(self) -> float:
