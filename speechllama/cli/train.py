@@ -20,6 +20,9 @@ _EPILOG = """examples:
       # heads only: head 1 and the trunk stay as they are, the trunk runs once per utterance
   speechllama train --train data/train.jsonl --dev data/dev.jsonl --init exp/mtp4/best \\
       --mwer --mwer-nbest 4 --max-steps 500 --lr 1e-4 --warmup 50 --out exp/mtp4-mwer
+  torchrun --nproc_per_node 4 -m speechllama train --train data/train.jsonl \\
+      --dev data/dev.jsonl --preset small --text data/text.txt --out exp/small4
+      # 4 processes (GPUs, or CPU with gloo): --max-duration is per rank and micro-batch
 
 Writes OUT/step-NNNNNNNN/ checkpoints (the last --keep-last, with optimizer state for
 --resume), OUT/best/ (lowest dev WER), OUT/metrics.jsonl and OUT/tokenizer.model if trained."""
@@ -184,6 +187,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     run.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     run.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    run.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard weights, gradients and optimizer state across ranks (FSDP) "
+        "instead of replicating them (DDP); the full weights must still fit on one device",
+    )
     run.add_argument("--workers", type=int, default=0, metavar="N", help="data loader workers")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
@@ -208,6 +217,7 @@ def parse_augment(items: list[str] | None) -> dict[str, Any] | None:
 def _run(args: argparse.Namespace) -> int:
     from speechllama.train.config import TrainConfig
     from speechllama.train.loop import train
+    from speechllama.train.distributed import launched_rank
     from speechllama.train.metrics import dev_line
 
     cfg = TrainConfig(
@@ -255,6 +265,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         resume=args.resume,
         mwer=args.mwer,
+        fsdp=args.fsdp,
         mwer_nbest=args.mwer_nbest,
         mwer_ce_weight=args.mwer_ce_weight,
         mwer_beam_strategy=args.mwer_beam_strategy,
@@ -262,6 +273,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     result = train(cfg)
     print(
+    if launched_rank():
+        return 0  # under torchrun, rank 0 reports
         f"trained {result.steps} steps, {result.audio_hours:.3f} audio hours "
         f"({result.audio_h_per_h:.1f} audio-h per h), final train loss {result.train_loss:.4f}"
     )

@@ -36,6 +36,8 @@ class TrainConfig:
     given, else ``epochs`` passes over the data. ``ctc_weight`` None means 0.3 when the model
     has a CTC head and 0 otherwise. ``cache_copies`` applies only with a frozen encoder: copy 0 of
     every utterance is clean, copies 1.. are waveform-augmented (see ``train/cache.py``).
+    ``fsdp``: under torchrun, shard parameters, gradients and optimizer state across the ranks
+    (FSDP) instead of replicating them (DDP); see ``train/distributed.py`` for its limits.
     ``mwer``: minimum word error rate fine-tuning of the ``init`` model on its own
     ``mwer_nbest``-best lists from the beam search ``mwer_beam_strategy`` (None: the one
     ``decoding.nbest`` picks for the model), loss = MWER + ``mwer_ce_weight`` * the usual loss;
@@ -86,6 +88,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     resume: bool = False
+    fsdp: bool = False
     mwer: bool = False
     mwer_nbest: int = 4
     mwer_ce_weight: float = 0.01
@@ -117,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"ctc_weight must lie in [0, 1), got {self.ctc_weight}")
         if (self.preset is None) == (self.init is None):
             raise ValueError("give exactly one of a preset or an --init checkpoint")
+        if self.fsdp and (self.freeze or self.mwer):
+            raise ValueError("--fsdp does not combine with --freeze or --mwer")
         if self.mwer:
             self._check_mwer()
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
