@@ -186,13 +186,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--log-every", type=int, default=20, metavar="STEPS")
     run.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     run.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
-    run.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     run.add_argument(
         "--fsdp",
         action="store_true",
         help="under torchrun: shard weights, gradients and optimizer state across ranks (FSDP) "
         "instead of replicating them (DDP); the full weights must still fit on one device",
     )
+    run.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     run.add_argument("--workers", type=int, default=0, metavar="N", help="data loader workers")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
@@ -216,8 +216,8 @@ def parse_augment(items: list[str] | None) -> dict[str, Any] | None:
 
 def _run(args: argparse.Namespace) -> int:
     from speechllama.train.config import TrainConfig
-    from speechllama.train.loop import train
     from speechllama.train.distributed import launched_rank
+    from speechllama.train.loop import train
     from speechllama.train.metrics import dev_line
 
     cfg = TrainConfig(
@@ -264,17 +264,17 @@ def _run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         progress=not args.no_progress,
         resume=args.resume,
-        mwer=args.mwer,
         fsdp=args.fsdp,
+        mwer=args.mwer,
         mwer_nbest=args.mwer_nbest,
         mwer_ce_weight=args.mwer_ce_weight,
         mwer_beam_strategy=args.mwer_beam_strategy,
         mwer_add_reference=args.mwer_add_reference,
     )
     result = train(cfg)
-    print(
     if launched_rank():
         return 0  # under torchrun, rank 0 reports
+    print(
         f"trained {result.steps} steps, {result.audio_hours:.3f} audio hours "
         f"({result.audio_h_per_h:.1f} audio-h per h), final train loss {result.train_loss:.4f}"
     )
