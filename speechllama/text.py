@@ -19,12 +19,14 @@ import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from num2words import num2words
 
 __all__ = [
     "Tokenizer",
     "TokenizerError",
+    "TokenizerLike",
     "normalize",
     "read_lines",
     "target_ids",
@@ -172,6 +174,26 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 class TokenizerError(ValueError):
     """A tokenizer model that cannot be loaded or trained; the message names the file."""
+
+
+@runtime_checkable
+class TokenizerLike(Protocol):
+    """What decoding, evaluation and training need from a tokenizer: this module's
+    SentencePiece :class:`Tokenizer`, or a pretrained LLM's own
+    (:class:`speechllama.tokenizer_bpe.BPETokenizer`). ``encode`` adds no special tokens;
+    ``decode`` skips pad/bos/eos."""
+
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    unk_id: int
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 class Tokenizer:

