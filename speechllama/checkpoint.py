@@ -9,8 +9,10 @@ Layout of a checkpoint directory::
                                      "encoder": "checkpoint" | "source"},
                          "training": {data, steps, git_commit, date, ...}}
     model.safetensors   the trained parameters (encoder omitted when "encoder" is "source":
-                        a frozen encoder whose weights come from ``model.encoder.source``)
-    tokenizer.model     the SentencePiece model
+                        a frozen encoder whose weights come from ``model.encoder.source``;
+                        likewise the LLM's weights when "decoder" is "source")
+    tokenizer.model     the SentencePiece model (absent with a sourced decoder: the tokenizer
+                        then comes with the LLM, "tokenizer": {"source": ..., "vocab_size": V})
     train_state.json    optional, for --resume: optimizer/scheduler/sampler state with tensors
     train_state.safetensors   replaced by names (JSON + safetensors, never pickle)
 
@@ -27,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +60,15 @@ def encoder_from_source(config: ModelConfig) -> bool:
 
 
 def trained_state(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores: everything, minus the encoder when it comes from source."""
+    """The tensors a checkpoint stores: everything, minus the encoder and the LLM decoder when
+    they come from source."""
+    from speechllama.model.sourced import sourced_decoder_names
+
     state = model.state_dict()
     if encoder_from_source(config):
         state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-    return state
+    skip = sourced_decoder_names(config)
+    return {k: v for k, v in state.items() if k not in skip}
 
 
 def save_checkpoint(
@@ -90,21 +97,27 @@ def save_checkpoint(
             for k, v in trained_state(model, config).items()
         }
         save_file(_unshare(state), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        proto: bytes = tokenizer.model_proto
-        (tmp / TOKENIZER_FILE).write_bytes(proto)
+        sourced_llm = config.decoder.source is not None
+        if sourced_llm:  # the LLM's own tokenizer, read from its source at load time
+            tok_doc = {"source": config.decoder.source, "vocab_size": int(tokenizer.vocab_size)}
+        else:
+            proto: bytes = tokenizer.model_proto
+            (tmp / TOKENIZER_FILE).write_bytes(proto)
+            tok_doc = {
+                "file": TOKENIZER_FILE,
+                "vocab_size": int(tokenizer.vocab_size),
+                "sha256": hashlib.sha256(proto).hexdigest(),
+            }
         doc = {
             "format": FORMAT,
             "version": VERSION,
             "model": config.to_dict(),
-            "tokenizer": {
-                "file": TOKENIZER_FILE,
-                "vocab_size": int(tokenizer.vocab_size),
-                "sha256": hashlib.sha256(proto).hexdigest(),
-            },
+            "tokenizer": tok_doc,
             "weights": {
                 "file": WEIGHTS_FILE,
                 "dtype": dtype,
                 "encoder": "source" if encoder_from_source(config) else "checkpoint",
+                "decoder": "source" if sourced_llm else "checkpoint",
             },
             "training": meta or {},
         }
@@ -151,43 +164,66 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Load a checkpoint directory -> ``(SpeechLLaMA in eval mode, Tokenizer, config.json dict)``.
 
     The config is validated before any tensor is allocated; tensor names and shapes are checked
-    against the model before any is copied. A sourced encoder is loaded from its source."""
+    against the model before any is copied. A sourced encoder or LLM decoder (and its
+    tokenizer) is loaded from its source."""
+    from speechllama.model.sourced import (
+        load_sourced_decoder,
+        source_tokenizer,
+        sourced_decoder_names,
+    )
     from speechllama.model.speechllama import SpeechLLaMA
     from speechllama.text import Tokenizer
 
     root = Path(path)
     doc = read_checkpoint_config(root)
     config = ModelConfig.from_dict(doc["model"])
+    weights = doc.get("weights", {})
+    sourced_llm = weights.get("decoder") == "source" and config.decoder.source is not None
     tok_path = root / TOKENIZER_FILE
-    if not tok_path.is_file():
+    if sourced_llm:
+        try:
+            tokenizer = source_tokenizer(config)
+        except ValueError as exc:
+            raise CheckpointError(f"{root / CONFIG_FILE}: {exc}") from None
+    elif not tok_path.is_file():
         raise CheckpointError(f"{tok_path}: missing")
-    tokenizer = Tokenizer.load(tok_path)
+    else:
+        tokenizer = Tokenizer.load(tok_path)
     if tokenizer.vocab_size > config.decoder.vocab_size:
         raise CheckpointError(
             f"{tok_path}: vocabulary of {tokenizer.vocab_size} exceeds the model's "
             f"{config.decoder.vocab_size}"
         )
-    sourced = doc.get("weights", {}).get("encoder") == "source"
+    sourced = weights.get("encoder") == "source"
     model = SpeechLLaMA(config)
-    load_weights(model, root / WEIGHTS_FILE, skip_prefix="encoder." if sourced else None)
+    skip = sourced_decoder_names(config) if sourced_llm else set()
+    load_weights(model, root / WEIGHTS_FILE, "encoder." if sourced else None, skip)
     if sourced:
         from speechllama.model.weights import load_encoder_weights
 
         load_encoder_weights(model.encoder, config.encoder.source)
+    if sourced_llm:
+        load_sourced_decoder(model, fresh=False)
     model.to(device).eval()
     return model, tokenizer, doc
 
 
-def load_weights(model: torch.nn.Module, file: Path, skip_prefix: str | None = None) -> None:
+def load_weights(
+    model: torch.nn.Module,
+    file: Path,
+    skip_prefix: str | None = None,
+    skip: Collection[str] = (),
+) -> None:
     """Copy ``file``'s tensors into ``model`` after checking every name and shape.
 
-    ``skip_prefix``: parameters under it are expected to be absent (loaded from elsewhere)."""
+    ``skip_prefix``: parameters under it, and ``skip``: parameters of these names, are expected
+    to be absent (loaded from elsewhere)."""
     if not file.is_file():
         raise CheckpointError(f"{file}: missing")
     expected = {
         k: v
         for k, v in model.state_dict().items()
-        if skip_prefix is None or not k.startswith(skip_prefix)
+        if (skip_prefix is None or not k.startswith(skip_prefix)) and k not in skip
     }
     try:
         with safe_open(str(file), framework="pt") as f:

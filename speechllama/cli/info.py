@@ -1,6 +1,7 @@
 """``speechllama info MODEL_DIR``: a checkpoint's configuration and parameter counts per part
 (encoder, adapter, decoder, heads, ...), trainable vs frozen, and what each kind of multi-token
-heads would add to its decoder (to choose a kind before training one)."""
+heads would add to its decoder (to choose a kind before training one). ``--model smollm``
+shows the preset built on the pretrained SmolLM2 decoder."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a model's configuration and size", description=__doc__)
     p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="checkpoint directory")
     p.add_argument("--model", default=None, metavar="DIR",
-                   help="same as MODEL_DIR (default: the bundled 'default' model)")  # fmt: skip
+                   help="same as MODEL_DIR (default: the bundled 'default' model); or a preset "
+                        "built from installed packages: smollm")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -87,9 +89,13 @@ def run(args: argparse.Namespace) -> int:
     if args.model_dir and args.model and args.model_dir != args.model:
         raise ValueError("give the model either as MODEL_DIR or with --model, not both")
     name = args.model_dir or args.model
-    path = resolve_model_dir(name)
-    loaded = load_model(path)
-    print(f"model: {path}")
+    loaded = load_model(name)
+    preset = loaded.meta.get("preset")
+    if preset:  # built by name: no checkpoint directory behind it
+        print(f"model: preset {preset} (pretrained parts from installed packages; "
+              "adapter and heads freshly initialised, untrained)")  # fmt: skip
+    else:
+        print(f"model: {resolve_model_dir(name)}")
     print(f"tokenizer: vocabulary of {loaded.tokenizer.vocab_size}")
     training = loaded.meta.get("training")
     if training:
