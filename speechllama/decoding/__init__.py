@@ -1,5 +1,6 @@
-"""Decoding strategies. Strategy ``name`` lives in module ``speechllama.decoding.<name>``, which
-sets ``STRATEGY`` to its ``Strategy`` subclass; adding a strategy needs no registry edit.
+"""Decoding strategies. Strategy ``name`` lives in module ``speechllama.decoding.<name>`` (with
+``-`` spelled ``_``: ``prefix-beam`` is ``prefix_beam.py``), which sets ``STRATEGY`` to its
+``Strategy`` subclass; adding a strategy needs no registry edit.
 
 Kept import-light (no torch) so the CLI can list strategies in ``--help`` quickly.
 """
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from speechllama.decoding.base import Strategy
 
 # Modules of this package that are not strategies.
-_NOT_STRATEGIES = frozenset({"base", "options", "state", "tree_shape"})
+_NOT_STRATEGIES = frozenset({"base", "beam_search", "nbest", "options", "state", "tree_shape"})
 
 __all__ = [
     "DecodingOptions",
@@ -30,7 +31,7 @@ __all__ = [
 def available_strategies() -> list[str]:
     """Names of the strategies installed in this package, greedy first."""
     names = [
-        m.name
+        m.name.replace("_", "-")
         for m in pkgutil.iter_modules(__path__)
         if not m.ispkg and not m.name.startswith("_") and m.name not in _NOT_STRATEGIES
     ]
@@ -43,7 +44,7 @@ def get_strategy(options: DecodingOptions) -> Strategy:
     known = available_strategies()
     if name not in known:
         raise ValueError(f"unknown decoding strategy {name!r}; choose one of {', '.join(known)}")
-    module = importlib.import_module(f"speechllama.decoding.{name}")
+    module = importlib.import_module(f"speechllama.decoding.{name.replace('-', '_')}")
     return module.STRATEGY(options)
 
 
