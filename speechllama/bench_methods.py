@@ -2,8 +2,8 @@
 shared audio embeddings with them.
 
 Methods are named ``family`` or ``family@ARG`` (``threshold@0.8``, ``verify-topk@3``,
-``tree@3-2-1``); each family is one ``@register_method`` parser, so adding one (a later
-``prefix-beam@N``) is one function here and nothing else. A method whose strategy is not
+``tree@3-2-1``, ``beam@4``, ``prefix-beam@4``); each family is one ``@register_method``
+parser, so adding one is one function here and nothing else. A method whose strategy is not
 installed, that needs K > 1 heads on a K = 1 model, or whose peer library is missing is
 skipped with a note (:func:`build_runners`). Greedy always runs: it is the reference.
 """
@@ -118,12 +118,21 @@ def _tree(arg: str | None, base: DecodingOptions) -> Method:
     return _strategy(f"tree@{arg}", base, True, strategy="tree", tree=shape)
 
 
+def _beam_family(family: str, arg: str | None, base: DecodingOptions, multi: bool) -> Method:
+    n = _number(family, arg, int)
+    if n < 1:
+        raise ValueError(f"method {family}@{arg}: N must be at least 1")
+    return _strategy(f"{family}@{n}", base, multi, strategy=family, beam_size=n)
+
+
 @register_method("beam", "beam@N, N >= 1")
 def _beam(arg: str | None, base: DecodingOptions) -> Method:
-    n = _number("beam", arg, int)
-    if n < 1:
-        raise ValueError(f"method beam@{arg}: N must be at least 1")
-    return _strategy(f"beam@{n}", base, False, strategy="beam", beam_size=n)
+    return _beam_family("beam", arg, base, False)
+
+
+@register_method("prefix-beam", "prefix-beam@N, N >= 1")
+def _prefix_beam(arg: str | None, base: DecodingOptions) -> Method:
+    return _beam_family("prefix-beam", arg, base, True)
 
 
 @register_method("hf-generate", "hf-generate")
