@@ -19,7 +19,8 @@ Conventions shared by all strategies:
 - ``accepted_per_call[i]`` counts calls that appended ``i`` tokens to a sequence; the EOS that
   ends a sequence is not a token, so a call that only produced EOS counts under ``i = 0`` and
   ``sum(i * n_i) == len(tokens)``.
-- Every sequence has a hard length limit from its audio duration, so decoding always stops.
+- Every sequence has a hard length limit from its audio duration, so decoding always stops;
+  a repetition guard in ``DecodingState.accept`` (``state.looping``) ends a loop sooner.
 """
 
 from __future__ import annotations
