@@ -139,9 +139,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     mw.add_argument(
         "--mwer-beam-strategy",
-        metavar="NAME",
-        help="decoding strategy that makes the lists (default: the beam search the N-best "
-        "API picks for the model: prefix beam search for multi-token heads)",
+        choices=("prefix-beam", "beam"),
+        default="prefix-beam",
+        help="the search that makes the lists: prefix beam search over the heads' multi-token "
+        "blocks (plain beam for a one-head model), or next-token beam (default: prefix-beam)",
     )
     mw.add_argument(
         "--mwer-add-reference",

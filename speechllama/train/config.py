@@ -39,9 +39,9 @@ class TrainConfig:
     ``fsdp``: under torchrun, shard parameters, gradients and optimizer state across the ranks
     (FSDP) instead of replicating them (DDP); see ``train/distributed.py`` for its limits.
     ``mwer``: minimum word error rate fine-tuning of the ``init`` model on its own
-    ``mwer_nbest``-best lists from the beam search ``mwer_beam_strategy`` (None: the one
-    ``decoding.nbest`` picks for the model), loss = MWER + ``mwer_ce_weight`` * the usual loss;
-    ``mwer_add_reference`` puts the reference into every list (see ``train/mwer.py``).
+    ``mwer_nbest``-best lists from the beam search ``mwer_beam_strategy`` (``prefix-beam``,
+    which is ``beam`` for a one-head model, or ``beam``), loss = MWER + ``mwer_ce_weight`` * the
+    usual loss; ``mwer_add_reference`` puts the reference into every list (``train/mwer.py``).
     """
 
     train_manifest: str
@@ -92,7 +92,7 @@ class TrainConfig:
     mwer: bool = False
     mwer_nbest: int = 4
     mwer_ce_weight: float = 0.01
-    mwer_beam_strategy: str | None = None
+    mwer_beam_strategy: str = "prefix-beam"
     mwer_add_reference: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -136,6 +136,10 @@ class TrainConfig:
             raise ValueError(f"--mwer-nbest {self.mwer_nbest}: MWER needs at least 2 hypotheses")
         if self.mwer_ce_weight < 0:
             raise ValueError(f"--mwer-ce-weight must not be negative, got {self.mwer_ce_weight}")
+        if self.mwer_beam_strategy not in ("beam", "prefix-beam"):
+            raise ValueError(
+                f"--mwer-beam-strategy {self.mwer_beam_strategy!r}: choose beam or prefix-beam"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

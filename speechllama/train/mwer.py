@@ -169,12 +169,14 @@ def sequence_log_probs(
     return (picked * scored).sum(dim=-1)
 
 
-def default_nbest(n: int, strategy: str | None) -> NBestFn:
-    """The project's beam searches (``speechllama.decoding.nbest``), imported when first used."""
+def default_nbest(n: int, strategy: str = "prefix-beam") -> NBestFn:
+    """N-best lists from the project's beam searches (``speechllama.decoding.nbest``, imported
+    when first used): ``prefix-beam`` (``beam`` for a one-head model) or ``beam``, beam size n,
+    on the audio embeddings the training step computes (features or cached encoder outputs)."""
     from speechllama.decoding.nbest import nbest
     from speechllama.decoding.options import DecodingOptions
 
-    options = DecodingOptions(beam_size=n, **({"strategy": strategy} if strategy else {}))
+    options = DecodingOptions(strategy=strategy, beam_size=n)
 
     def run(
         model: torch.nn.Module,
@@ -182,7 +184,8 @@ def default_nbest(n: int, strategy: str | None) -> NBestFn:
         audio_lens: torch.Tensor,
         durations: Sequence[float],
     ) -> list[list[tuple[int, ...]]]:
-        return [[h.tokens for h in hyps] for hyps in nbest(model, audio, audio_lens, options, n)]
+        found = nbest(model, audio, audio_lens, options, n, durations=durations)
+        return [[h.tokens for h in hyps] for hyps in found]
 
     return run
 
