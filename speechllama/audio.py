@@ -59,6 +59,8 @@ def _check_file(path: Path) -> None:
         raise AudioError(path, "file not found") from None
     except OSError as e:
         raise AudioError(path, f"cannot access file ({e.strerror})") from None
+    except ValueError:  # os.stat refuses a path with a NUL character
+        raise AudioError(repr(str(path)), "not a valid path (holds a NUL character)") from None
     if stat.S_ISDIR(st.st_mode):
         raise AudioError(path, "is a directory, not an audio file")
     if not stat.S_ISREG(st.st_mode):

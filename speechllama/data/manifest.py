@@ -25,6 +25,7 @@ resolves relative paths against the working directory, and so do we for those ma
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from speechllama.audio import AudioError, audio_duration
-from speechllama.text import normalize, read_lines
+from speechllama.text import normalize
 
 __all__ = [
     "ManifestCheck",
@@ -179,6 +180,10 @@ def _utterance(
     text = row["text"]
     if not isinstance(text, str):
         raise _RowError(f"'text' must be a string, got {type(text).__name__}")
+    for key, value in (("audio_filepath", path_value), ("text", text)):
+        bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:  # JSON "\ud800" escapes decode to these; UTF-8 cannot hold them
+            raise _RowError(f"'{key}' holds a lone surrogate U+{ord(bad):04X} (not valid text)")
     if not text.strip():
         raise _RowError("empty text")
     if not normalize(text):
@@ -216,14 +221,29 @@ def _utterance(
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON or the JSONDecodeError) for every non-blank line."""
-    for number, line in enumerate(read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield number, exc
+    """(line number, parsed JSON or why the line is unusable) for every non-blank line.
+
+    Bytes are decoded line by line, so one line that is not UTF-8 is one bad row rather than
+    an unreadable manifest (a byte-order mark on the first line is ignored)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield number, _RowError(f"not UTF-8 text (byte {exc.start + 1} of the line)")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield number, _RowError(f"malformed JSON ({exc.msg} at column {exc.colno})")
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise OSError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def _is_lhotse_row(row: Any) -> bool:
@@ -277,8 +297,8 @@ def check_manifest(
     lhotse: bool | None = None
     for number, row in _json_rows(path):
         rows += 1
-        if isinstance(row, json.JSONDecodeError):
-            problems.append(RowProblem(number, f"malformed JSON ({row.msg} at column {row.colno})"))
+        if isinstance(row, _RowError):
+            problems.append(RowProblem(number, str(row)))
             continue
         if lhotse is None:
             lhotse = _is_lhotse_row(row)
