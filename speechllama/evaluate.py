@@ -347,12 +347,29 @@ def evaluate_manifest(
             teacher_forced_accuracy(model, decoded, options.batch_size, fp16=options.fp16)
         )
     if out is not None:
-        ok = [(u, r) for u, r in zip(utts, done, strict=True) if r.error is None]
-        text = alignment_text(
-            [str(u.audio_filepath) for u, _ in ok],
-            [normalize(u.text) for u, _ in ok],
-            [normalize(r.text) for _, r in ok],
-        )
-        (out / "alignments.txt").write_text(text, encoding="utf-8")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_report(out, utts, done, summary)
     return summary
+
+
+def write_report(
+    out: Path,
+    utts: Sequence[Utterance],
+    results: Sequence[DecodingResult],
+    summary: dict[str, Any],
+    hypotheses: bool = False,
+) -> None:
+    """alignments.txt (the utterances that decoded, in ``utts`` order) and summary.json in
+    ``out``; with ``hypotheses`` also hypotheses.jsonl, all rows at once (what rank 0 of a
+    sharded evaluation writes after merging the ranks' results, ``distributed_eval``)."""
+    if hypotheses:
+        pairs = zip(utts, results, strict=True)
+        rows = [json.dumps(_record(u, r), ensure_ascii=False) + "\n" for u, r in pairs]
+        (out / "hypotheses.jsonl").write_text("".join(rows), encoding="utf-8")
+    ok = [(u, r) for u, r in zip(utts, results, strict=True) if r.error is None]
+    text = alignment_text(
+        [str(u.audio_filepath) for u, _ in ok],
+        [normalize(u.text) for u, _ in ok],
+        [normalize(r.text) for _, r in ok],
+    )
+    (out / "alignments.txt").write_text(text, encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

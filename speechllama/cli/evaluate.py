@@ -45,26 +45,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechllama.evaluate import evaluate_manifest
+    from speechllama.distributed_eval import evaluate_sharded, rank_device
     from speechllama.transcribe import load_model
 
     setup_torch(args)
     options = decoding_options(args)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=rank_device(args.device))
 
     def report(_index: int, result) -> None:
         if result.error is not None:
             print(f"{_PROG}: error: {result.error}", file=sys.stderr, flush=True)
 
-    s = evaluate_manifest(
+    s = evaluate_sharded(  # the manifest shared among ranks under torchrun
         model,
         args.manifest,
-        options,
+        options=options,
         out_dir=args.out,
         limit=args.limit,
         on_result=report,
         head_accuracy=args.head_accuracy,
     )
+    if s is None:
+        return 0  # a rank > 0 under torchrun: rank 0 scores the merged results and reports
     for skip in s.get("head_accuracy_skipped", ()):
         print(
             f"{_PROG}: note: {skip['audio_filepath']}: not in head_accuracy: {skip['reason']}",

@@ -146,6 +146,13 @@ def _done(output: Path) -> tuple[set[str], bool]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Transcribe ``args.files``; under torchrun each rank takes its share (distributed_eval)."""
+    from speechllama.distributed_eval import transcribe_sharded
+
+    return transcribe_sharded(args, _run_files, _done)
+
+
+def _run_files(args: argparse.Namespace) -> int:
     from speechllama.transcribe import load_model
 
     setup_torch(args)

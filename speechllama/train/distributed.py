@@ -86,11 +86,12 @@ def current(device: str | None = None) -> DistContext:
 
 
 @contextlib.contextmanager
-def session(device: str | None = None) -> Iterator[DistContext]:
+def session(device: str | None = None, backend: str | None = None) -> Iterator[DistContext]:
     """Join torchrun's process group for the block and leave it afterwards.
 
-    A group that already exists (a caller's own) is used and left alone; outside torchrun this
-    yields a single-process context."""
+    ``backend``: default NCCL when ``device`` is CUDA, else gloo (sharded evaluation passes
+    gloo: it only exchanges a few Python objects). A group that already exists (a caller's own)
+    is used and left alone; outside torchrun this yields a single-process context."""
     created = False
     if dist.is_available() and not dist.is_initialized() and launched_world_size() > 1:
         cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -98,7 +99,7 @@ def session(device: str | None = None) -> Iterator[DistContext]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         seconds = float(os.environ.get(TIMEOUT_ENV, "3600"))
         dist.init_process_group(
-            "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=seconds)
+            backend or ("nccl" if cuda else "gloo"), timeout=datetime.timedelta(seconds=seconds)
         )
         created = True
     try:
