@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -184,14 +185,31 @@ def test_mwer_steps_lower_the_expected_word_errors_of_a_fixed_list() -> None:
     assert expected[-1] < 0.6 * expected[0] and losses[-1] < losses[0] - 0.5
 
 
+def test_mwer_options_that_cannot_work_are_refused(tmp_path: Path) -> None:
+    base = {"train_manifest": "m.jsonl", "out_dir": str(tmp_path), "mwer": True}
+    with pytest.raises(ValueError, match="--init"):
+        TrainConfig(**base)
+    with pytest.raises(ValueError, match="at least 2 hypotheses"):
+        TrainConfig(**base, preset=None, init="ckpt", mwer_nbest=1)
+    TrainConfig(**base, preset=None, init="ckpt", mwer_nbest=1, mwer_add_reference=True)
+    with pytest.raises(ValueError, match="prefix-beam"):
+        TrainConfig(**base, preset=None, init="ckpt", mwer_beam_strategy="greedy")
+    heads_only = TrainConfig(
+        **base, preset=None, init="ckpt", freeze=("encoder", "adapter", "decoder")
+    )
+    data = SimpleNamespace(hidden=None, train=SimpleNamespace(utterances=[]))
+    with pytest.raises(ValueError, match="head 1"):
+        MwerObjective.for_run(heads_only, None, data)
+    with pytest.raises(ValueError, match="--no-hidden-cache"):
+        MwerObjective.for_run(heads_only, None, SimpleNamespace(hidden=object()))
+
+
 # --- a tiny `speechllama train --mwer` --------------------------------------------------------
 
 
 def test_train_mwer_fine_tunes_a_multi_token_checkpoint(tmp_path: Path) -> None:
     manifest, tok = make_corpus(tmp_path)
     tokenizer = Tokenizer.load(tok)
-    with pytest.raises(ValueError, match="--init"):
-        TrainConfig(train_manifest=str(manifest), out_dir=str(tmp_path / "x"), mwer=True)
     # A briefly trained two-head model: its lists are wrong but not hopeless.
     common = [
         "--max-duration", "6", "--buckets", "1", "--warmup", "1", "--threads", "1", "--no-progress",
