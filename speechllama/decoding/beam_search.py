@@ -23,16 +23,28 @@ Fixed choices (the paper leaves them open):
   by a sum are separable, so this finds a row's best ``beam`` blocks of every length exactly
   (W = beam + 1 leaves room for one EOS); with one head it is the standard beam's top
   ``beam + 1`` per hypothesis. EOS only ends a block.
-- **Length normalisation** (Wu et al. 2016's simple form, not its GNMT ``((5 + L) / 6)``):
-  a hypothesis is ranked by ``score / L ** length_penalty``, L its scored tokens (transcript
-  tokens plus the EOS that ended it). All live candidates of one ``beam`` call have the same L,
-  so there it only ranks finished hypotheses; ``prefix-beam`` compares blocks of different
-  lengths, which raw sums would always decide for the shortest.
+- **Length normalisation**: a hypothesis is ranked by ``score / L ** length_penalty``, L its
+  scored tokens (transcript tokens plus the EOS that ended it): Hugging Face's form (1 = mean
+  log-prob per token, 0 = raw log-prob), not GNMT's ``((5 + L) / 6) ** a`` (Wu et al. 2016).
+  All open candidates of one ``beam`` call have the same L, so there it only ranks finished
+  hypotheses; ``prefix-beam`` compares blocks of different lengths, which raw sums would always
+  decide for the shortest.
 - **Duplicates**: two candidates that reach the same token sequence (and the same status: still
   open, or finished) are one hypothesis with the **max** of their scores, not the log-sum-exp:
   they are two estimates of one sequence's log-probability (different heads scored the same
   tokens), not disjoint events whose probabilities add. The first seen is kept (the walk is
   best first), its cache row and pending block with it.
+- **One path per slot**: an open candidate that is a prefix or an extension of an open one
+  already kept for its utterance ("x" beside "x y z" from one parent, or a hypothesis lagging
+  behind another on the same path) is passed over, so ``beam`` slots hold ``beam`` different
+  paths; without it the beam of ``prefix-beam`` fills with one path at several lengths, which
+  later merge as duplicates after costing calls. Measured on the tests' tiny K = 4 model (7
+  utterances, beam 4): with ``length_penalty`` 1, 79 calls with the rule and 102 without
+  (``beam`` 171, greedy 150); with 0 the rule costs calls instead (146 against 120), because
+  raw sums rank "x" above "x y" and the rule then keeps only the short one. Same-length
+  candidates are never nested, so ``beam`` is unaffected.
+- **Finished candidates** enter the pool when they rank above the ``beam``-th open candidate
+  kept in that call (the pool keeps the best ``beam``).
 - **Stopping**: an utterance stops when it has no open hypothesis or when it holds ``beam``
   finished ones and no open hypothesis, ended now by an EOS of probability 1, would rank above
   the worst of them. With ``length_penalty = 0`` that is exact (log-probs only fall); above 0

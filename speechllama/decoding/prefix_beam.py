@@ -6,7 +6,8 @@ keeps the best ``beam_size`` hypotheses over all hypotheses and block lengths of
 Why fewer calls than ``beam``: a hypothesis whose heads agree confidently grows by several
 tokens per call. Ranking blocks of different lengths needs length normalisation (raw log-prob
 sums always prefer the shortest block), so ``length_penalty`` > 0 is what makes long blocks
-win: with 0 the search stays at about one token per call.
+win. Measured on the tests' tiny K = 4 model (7 utterances, beam 4): 79 decoder calls with
+``length_penalty`` 1 against ``beam``'s 171 (greedy 150); with 0, 146 calls.
 
 One call feeds every open hypothesis its last block (the tokens accepted but not yet in the
 cache), ragged across rows, padded to the longest and rolled back (like ``threshold``), and
