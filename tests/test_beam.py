@@ -223,7 +223,10 @@ def test_prefix_beam_scores_are_sums_of_head_log_probs(fitted):
     longest = 0
     for b, hyps in enumerate(found):
         assert len(hyps) == 4
+        limit = max_tokens_for(DURATIONS[b], DecodingOptions())
         for h in hyps:
+            assert len(h.tokens) <= limit and EOS not in h.tokens
+            assert h.ended or len(h.tokens) == limit
             logp = teacher_forced(model, audio, b, h.tokens)
             assert h.score == pytest.approx(block_score(logp, h), abs=1e-4)
             longest = max(longest, *h.blocks)

@@ -24,7 +24,7 @@ class DecodingOptions:
     tree: tuple[int, ...] = (3, 2, 1)
     tree_max_nodes: int = 64  # per-call cap on tree candidates: a 65-token call is not free
     beam_size: int = 4
-    length_penalty: float = 1.0
+    length_penalty: float = 1.0  # beam strategies rank by log-prob / length**length_penalty
     fp16: bool = False
 
 
