@@ -20,6 +20,12 @@ Why a directory written atomically: the files are written into a sibling ``NAME.
 directory that is renamed into place only once complete, so a crash mid-save never leaves a
 directory that looks loadable; loaders refuse ``*.tmp-*`` names and directories without
 ``config.json``. Why only safetensors and JSON: loading a checkpoint must never execute code.
+
+Why a shadow model before loading: a checkpoint may come from a stranger. The config is checked
+(keys, per-field limits: ``ModelConfig.from_dict``), then the model is built on the ``meta``
+device (shapes, no memory) so that its total parameter size can be compared with this machine's
+memory and every stored tensor's name and shape with the safetensors header, all before one
+real tensor is allocated. A config of a few hundred bytes can otherwise ask for terabytes.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
 TMP_MARK = ".tmp-"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_CONFIG_BYTES = 1 << 20
+"""A config.json is a few kB; a larger one is not read (it would be parsed into memory)."""
 
 
 class CheckpointError(ValueError):
@@ -145,12 +153,19 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     cfg_path = root / CONFIG_FILE
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: missing; {root} is not a complete checkpoint")
+    size = cfg_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{cfg_path}: {size} bytes, more than a config holds; not reading it")
     try:
         doc = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({reason})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path}: not a speechllama checkpoint config")
+    for key in ("weights", "tokenizer", "training"):
+        if not isinstance(doc.get(key, {}), dict):
+            raise CheckpointError(f"{cfg_path}: '{key}' must be a JSON object")
     if doc.get("version") != VERSION:
         raise CheckpointError(f"{cfg_path}: unsupported checkpoint version {doc.get('version')!r}")
     try:
@@ -195,8 +210,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             f"{config.decoder.vocab_size}"
         )
     sourced = weights.get("encoder") == "source"
-    model = SpeechLLaMA(config)
     skip = sourced_decoder_names(config) if sourced_llm else set()
+    try:
+        with torch.device("meta"):  # shapes only: checked before anything is allocated
+            shadow = SpeechLLaMA(config)
+    except Exception as exc:  # whatever a hostile config trips inside the model code
+        raise CheckpointError(f"{root / CONFIG_FILE}: cannot build this model ({exc})") from None
+    check_memory(shadow, root / CONFIG_FILE)
+    shapes = {k: tuple(v.shape) for k, v in _stored(shadow, "encoder." if sourced else None, skip)}
+    check_weights(root / WEIGHTS_FILE, shapes)
+    del shadow
+    model = SpeechLLaMA(config)
     load_weights(model, root / WEIGHTS_FILE, "encoder." if sourced else None, skip)
     if sourced:
         from speechllama.model.weights import load_encoder_weights
@@ -206,6 +230,62 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         load_sourced_decoder(model, fresh=False)
     model.to(device).eval()
     return model, tokenizer, doc
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(shadow: torch.nn.Module, origin: Path) -> None:
+    """Refuse a model (built on the meta device) whose parameters and buffers alone would
+    need more than this machine's memory."""
+    need = sum(t.numel() * t.element_size() for t in shadow.state_dict().values())
+    have = memory_bytes()
+    if need > have:
+        raise CheckpointError(
+            f"{origin}: the configured model needs {need / 2**30:.1f} GiB for its weights, "
+            f"more than this machine's {have / 2**30:.1f} GiB; not allocating it"
+        )
+
+
+def _stored(
+    model: torch.nn.Module, skip_prefix: str | None, skip: Collection[str]
+) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of ``model`` that its weights file must hold."""
+    return [
+        (k, v)
+        for k, v in model.state_dict().items()
+        if (skip_prefix is None or not k.startswith(skip_prefix)) and k not in skip
+    ]
+
+
+def check_weights(file: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Check that safetensors ``file`` holds exactly the tensors ``shapes`` names, with those
+    shapes, from its header alone (no tensor is read)."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            names = set(f.keys())
+            missing = sorted(set(shapes) - names)
+            extra = sorted(names - set(shapes))
+            if missing or extra:
+                raise CheckpointError(
+                    f"{file}: tensors do not match the model config "
+                    f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                    f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})"
+                )
+            for name, want in shapes.items():
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != want:
+                    raise CheckpointError(
+                        f"{file}: tensor {name} has shape {shape}, the model needs {want}"
+                    )
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError on corrupt files
+        raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from None
 
 
 def load_weights(
@@ -218,36 +298,12 @@ def load_weights(
 
     ``skip_prefix``: parameters under it, and ``skip``: parameters of these names, are expected
     to be absent (loaded from elsewhere)."""
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
-    expected = {
-        k: v
-        for k, v in model.state_dict().items()
-        if (skip_prefix is None or not k.startswith(skip_prefix)) and k not in skip
-    }
+    expected = dict(_stored(model, skip_prefix, skip))
+    check_weights(file, {k: tuple(v.shape) for k, v in expected.items()})
     try:
-        with safe_open(str(file), framework="pt") as f:
-            names = set(f.keys())
-            missing = sorted(set(expected) - names)
-            extra = sorted(names - set(expected))
-            if missing or extra:
-                raise CheckpointError(
-                    f"{file}: tensors do not match the model config "
-                    f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                    f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})"
-                )
+        with safe_open(str(file), framework="pt") as f, torch.no_grad():
             for name, ref in expected.items():
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(ref.shape):
-                    raise CheckpointError(
-                        f"{file}: tensor {name} has shape {shape}, the model needs "
-                        f"{tuple(ref.shape)}"
-                    )
-            with torch.no_grad():
-                for name, ref in expected.items():
-                    ref.copy_(f.get_tensor(name).to(ref.dtype))
-    except CheckpointError:
-        raise
+                ref.copy_(f.get_tensor(name).to(ref.dtype))
     except Exception as exc:  # safetensors raises its own SafetensorError on corrupt files
         raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from None
 
