@@ -49,6 +49,7 @@ def test_dry_run_lists_every_stage_with_the_config_values(tmp_path):
         r"evaluate D/synth-heldout/manifest\.jsonl --model .*/mwer/best --decoding greedy ",
         r"bench --manifest D/real-smoke/manifest\.jsonl --model .*/mwer/best ",
         r"scripts/peers\.py --data D --model .*/mwer/best ",
+        r"scripts/peers\.py --systems pocketsphinx-digits fsdd-test=D/fsdd-test/manifest\.jsonl ",
         r"export .*/mwer/best --dtype float16$",
     ]
     for pattern in want:

@@ -27,7 +27,8 @@
 #      speechllama has no `train --mwer`); the final model is EXP/mwer/best, else EXP/mtp/best
 #   6  evaluate the final model on EVAL_SETS with each EVAL_DECODING -> EXP/eval/SET/DECODING,
 #      `speechllama bench` on BENCH_SET -> EXP/bench.{txt,json,png}, and the peers
-#      (scripts/peers.py, needs the `peers` extra) -> EXP/peers.{txt,json}
+#      (scripts/peers.py, needs the `peers` extra) -> EXP/peers.{txt,json}, and pocketsphinx
+#      with a digit grammar on fsdd-test -> EXP/peers-digits.{txt,json}
 #   7  export the final model (EXPORT_DTYPE) into the package: speechllama/models/default
 #
 # Devices: training and evaluation use a CUDA GPU by themselves when one is present, else
@@ -191,6 +192,8 @@ if want 6 "evaluate $final on $EVAL_SETS; bench on $BENCH_SET; peers"; then
   if [ -n "$dry_run" ] || "$python" -c "import faster_whisper, pocketsphinx" 2>/dev/null; then
     run_to "$exp/peers.txt" "$python" "$repo/scripts/peers.py" --data "$data" --model "$final" \
       --device "$device" --by-source --threads "$BENCH_THREADS" --json "$exp/peers.json"
+    run_to "$exp/peers-digits.txt" "$python" "$repo/scripts/peers.py" --systems pocketsphinx-digits \
+      "fsdd-test=$data/fsdd-test/manifest.jsonl" --json "$exp/peers-digits.json"
   else
     log "Stage 6: peers skipped: pip install 'speechllama[peers]' (faster-whisper, pocketsphinx)"
   fi
