@@ -16,9 +16,10 @@ How it stays fair on a shared machine:
 
 WER is :func:`speechllama.evaluate.evaluate_results` (jiwer on the project's normaliser), as in
 ``speechllama evaluate``; RTF = processing seconds / audio seconds. For our model the
-processing seconds are ``encoder_seconds + decoder_seconds`` of its ``DecodingResult``\\ s, which
-is what ``speechllama evaluate`` sums, so with the same decoding flags, ``--batch-size 1`` and a
-chunk size of at least the manifest's length the row equals ``speechllama evaluate``'s summary.
+processing seconds are ``encoder_seconds + decoder_seconds`` of its ``DecodingResult`` objects,
+is what ``speechllama evaluate`` sums. With the same decoding flags and ``--batch-size 1`` (the
+script's default; larger batches are formed within a chunk) its transcripts, and so its WER, are
+those of ``speechllama evaluate --batch-size 1``.
 
 The peers (``pip install speechllama[peers]``):
 
