@@ -16,8 +16,8 @@ How it stays fair on a shared machine:
 
 WER is :func:`speechllama.evaluate.evaluate_results` (jiwer on the project's normaliser), as in
 ``speechllama evaluate``; RTF = processing seconds / audio seconds. For our model the
-processing seconds are ``encoder_seconds + decoder_seconds`` of its ``DecodingResult`` objects,
-is what ``speechllama evaluate`` sums. With the same decoding flags and ``--batch-size 1`` (the
+processing seconds are ``encoder_seconds + decoder_seconds`` of its ``DecodingResult`` objects, the
+sums ``speechllama evaluate`` reports. With the same decoding flags and ``--batch-size 1`` (the
 script's default; larger batches are formed within a chunk) its transcripts, and so its WER, are
 those of ``speechllama evaluate --batch-size 1``.
 
