@@ -2,10 +2,10 @@
 shared audio embeddings with them.
 
 Methods are named ``family`` or ``family@ARG`` (``threshold@0.8``, ``verify-topk@3``,
-``tree@3-2-1``, ``beam@4``, ``prefix-beam@4``); each family is one ``@register_method``
-parser, so adding one is one function here and nothing else. A method whose strategy is not
-installed, that needs K > 1 heads on a K = 1 model, or whose peer library is missing is
-skipped with a note (:func:`build_runners`). Greedy always runs: it is the reference.
+``tree@3-2-1``, ``beam@4``, ``prefix-beam@4``, ``prefix-beam-rescored@4``); each family is one
+``@register_method`` parser, so adding one is one function here and nothing else. A method
+whose strategy is not installed, that needs K > 1 heads on a K = 1 model, or whose peer library
+is missing is skipped with a note (:func:`build_runners`). Greedy always runs: it is the reference.
 """
 
 from __future__ import annotations
@@ -118,11 +118,14 @@ def _tree(arg: str | None, base: DecodingOptions) -> Method:
     return _strategy(f"tree@{arg}", base, True, strategy="tree", tree=shape)
 
 
-def _beam_family(family: str, arg: str | None, base: DecodingOptions, multi: bool) -> Method:
+def _beam_family(
+    family: str, arg: str | None, base: DecodingOptions, multi: bool, **fields: Any
+) -> Method:
     n = _number(family, arg, int)
     if n < 1:
         raise ValueError(f"method {family}@{arg}: N must be at least 1")
-    return _strategy(f"{family}@{n}", base, multi, strategy=family, beam_size=n)
+    strategy = fields.pop("strategy", family)
+    return _strategy(f"{family}@{n}", base, multi, strategy=strategy, beam_size=n, **fields)
 
 
 @register_method("beam", "beam@N, N >= 1")
@@ -130,9 +133,15 @@ def _beam(arg: str | None, base: DecodingOptions) -> Method:
     return _beam_family("beam", arg, base, False)
 
 
-@register_method("prefix-beam", "prefix-beam@N, N >= 1")
+@register_method("prefix-beam", "prefix-beam@N, N >= 1 (scored by the heads)")
 def _prefix_beam(arg: str | None, base: DecodingOptions) -> Method:
-    return _beam_family("prefix-beam", arg, base, True)
+    return _beam_family("prefix-beam", arg, base, True, prefix_rescore=False)
+
+
+@register_method("prefix-beam-rescored", "prefix-beam-rescored@N (blocks rescored by head 1)")
+def _prefix_beam_rescored(arg: str | None, base: DecodingOptions) -> Method:
+    return _beam_family("prefix-beam-rescored", arg, base, True, strategy="prefix-beam",
+                        prefix_rescore=True)  # fmt: skip
 
 
 @register_method("hf-generate", "hf-generate")

@@ -66,6 +66,9 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--length-penalty", type=float, metavar="A",
                    help="beam strategies rank finished hypotheses by log-prob / length**A "
                    "(default: 1; 0 ranks by log-prob)")  # fmt: skip
+    g.add_argument("--prefix-rescore", action=argparse.BooleanOptionalAction, default=None,
+                   help="prefix-beam: rescore each block with head 1 when the next call feeds "
+                   "it, so scores are the next-token log-probs (default: off)")  # fmt: skip
     g.add_argument("--max-tokens-per-second", type=float, metavar="R",
                    help="transcript length limit per second of audio (default: 12)")  # fmt: skip
 
@@ -89,7 +92,7 @@ def decoding_options(args: argparse.Namespace):
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     fields: dict[str, Any] = {"strategy": args.decoding, "batch_size": args.batch_size}
     names = ("num_heads", "threshold", "verify", "topk", "tree", "tree_max_nodes", "beam_size",
-             "length_penalty", "max_tokens_per_second")  # fmt: skip
+             "length_penalty", "prefix_rescore", "max_tokens_per_second")  # fmt: skip
     for name in names:
         value = getattr(args, name)
         if value is not None:

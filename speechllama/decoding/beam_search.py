@@ -60,6 +60,7 @@ the others in its batch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import heapq
 import math
 from collections.abc import Iterator
@@ -80,6 +81,7 @@ __all__ = [
     "SearchState",
     "expand",
     "normalised",
+    "rescored",
 ]
 
 
@@ -89,12 +91,14 @@ class BeamHypothesis:
     sum of the log-probs of every scored token, EOS included when it ended the hypothesis);
     blocks: the tokens each decoder call scored for it, EOS included (its derivation: block i
     was scored by heads 1..len at the position before it); ended: by EOS (else by the length
-    limit, or still open)."""
+    limit, or still open); provisional: the part of ``score`` that heads 2..j gave the last
+    block's tokens 2..j, which head-1 rescoring replaces once the block is fed."""
 
     tokens: tuple[int, ...]
     score: float
     blocks: tuple[int, ...] = ()
     ended: bool = False
+    provisional: float = 0.0
 
     @property
     def scored(self) -> int:
@@ -111,6 +115,34 @@ class BeamHypothesis:
         if out and self.ended:
             out[-1] -= 1
         return out
+
+
+def rescored(
+    rows: list[tuple[int, BeamHypothesis]], logits: torch.Tensor
+) -> list[tuple[int, BeamHypothesis]]:
+    """The hypotheses of ``rows`` with their last block rescored by head 1: logits (R, k, n, V)
+    of the call that fed row r its pending block (k >= its length j) hold head 1's
+    distribution after each fed token, so tokens 2..j of the block get head 1's log-probs in
+    place of the ``provisional`` ones heads 2..j gave them. No extra decoder call: the call
+    that extends a hypothesis verifies its last block, as ``verify`` does, and the score
+    becomes head 1's teacher-forced log-prob of the hypothesis' tokens."""
+    width = logits.shape[1]
+    if width < 2:
+        return rows
+    targets = torch.zeros(len(rows), width - 1, dtype=torch.long)
+    tails = [h.pending[1:] for _, h in rows]
+    for r, tail in enumerate(tails):
+        targets[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+    used = torch.arange(width - 1)[None] < torch.tensor([len(t) for t in tails])[:, None]
+    logp = logits[:, :-1, 0].float().log_softmax(dim=-1)  # (R, k - 1, V)
+    picked = logp.gather(2, targets.to(logp.device)[..., None])[..., 0].cpu()
+    sums = picked.masked_fill(~used, 0.0).double().sum(dim=1).tolist()
+    return [
+        (o, dataclasses.replace(h, score=h.score - h.provisional + s, provisional=0.0))
+        if len(h.pending) > 1
+        else (o, h)
+        for (o, h), s in zip(rows, sums, strict=True)
+    ]
 
 
 def normalised(score: float, scored: int, length_penalty: float) -> float:
@@ -171,12 +203,14 @@ class SearchState:
 @dataclass(frozen=True)
 class _Scored:
     """Every row's candidates on the host: ``order[r]`` candidate indices best first with their
-    normalised scores ``norm[r]``; ``total[r][c]``, ``tokens[r][c]`` and ``lengths[c]`` make
-    candidate c of row r into a hypothesis."""
+    normalised scores ``norm[r]``; ``total[r][c]``, ``tokens[r][c]``, ``lengths[c]`` and
+    ``provisional[r][c]`` (heads 2..j's share of the block's score) make candidate c of row r
+    into a hypothesis."""
 
     norm: list[list[float]]
     order: list[list[int]]
     total: list[list[float]]
+    provisional: list[list[float]]
     tokens: list[list[list[int]]]
     lengths: list[int]
 
@@ -216,6 +250,7 @@ class BeamSearchStrategy(Strategy):
             raise ValueError(f"beam_size={options.beam_size} must be at least 1")
         self.beam = options.beam_size
         self.alpha = options.length_penalty
+        self.rescore = options.prefix_rescore
         self.sink = sink
 
     def heads_read(self, logits: torch.Tensor) -> int:
@@ -241,6 +276,8 @@ class BeamSearchStrategy(Strategy):
         search: SearchState = state.shared["beam"]
         pending = [h.pending for _, h in search.rows]
         logits = feed(model, search.cache, pending, state.pad_id, num_heads=search.heads)
+        if self.rescore:
+            search.rows = rescored(search.rows, logits)
         last = torch.tensor([len(p) - 1 for p in pending], device=logits.device)
         at = logits[torch.arange(len(pending), device=logits.device), last]  # (R, n, V)
         self._select(search, at.float().log_softmax(dim=-1), list(range(len(pending))), state)
@@ -280,8 +317,10 @@ class BeamSearchStrategy(Strategy):
         total = parents.to(logp.device)[:, None] + cand.scores.double()  # (R, C)
         scored = lens.to(logp.device)[:, None] + cand.lengths.double()
         norm, order = (total / scored.clamp(min=1).pow(self.alpha)).sort(dim=1, descending=True)
-        return _Scored(norm.tolist(), order.tolist(), total.tolist(), cand.tokens.tolist(),
-                       cand.lengths.tolist())  # fmt: skip
+        first = logp[:, 0].gather(1, cand.tokens[:, :, 0])  # head 1's log-prob of token 1
+        provisional = cand.scores.double() - first.double()
+        return _Scored(norm.tolist(), order.tolist(), total.tolist(), provisional.tolist(),
+                       cand.tokens.tolist(), cand.lengths.tolist())  # fmt: skip
 
     def _extend(
         self,
@@ -309,10 +348,13 @@ class BeamSearchStrategy(Strategy):
             if len(toks) > limit:
                 continue
             done = ended or len(toks) == limit
+            if done and j > 1 and self.rescore:
+                continue  # heads 2..j would score its end for good: it ends one token at a time
             if (toks, done) in seen:
                 continue
             seen.add((toks, done))
-            hyp = BeamHypothesis(toks, scored.total[r][c], (*parent.blocks, j), ended)
+            blocks = (*parent.blocks, j)
+            hyp = BeamHypothesis(toks, scored.total[r][c], blocks, ended, scored.provisional[r][c])
             if done:
                 self._pool_add(pool, hyp)
             elif not any(_nested(toks, h.tokens) for _, h in opened):

@@ -25,6 +25,7 @@ class DecodingOptions:
     tree_max_nodes: int = 64  # per-call cap on tree candidates: a 65-token call is not free
     beam_size: int = 4
     length_penalty: float = 1.0  # beam strategies rank by log-prob / length**length_penalty
+    prefix_rescore: bool = False  # prefix-beam: rescore each fed block with head 1 (no extra call)
     fp16: bool = False
 
 
