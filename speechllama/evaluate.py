@@ -8,7 +8,10 @@ listed in the hypotheses file with their error, and the CLI exits non-zero if th
 
 Output directory layout (``evaluate_manifest(..., out_dir=DIR)``):
 
-- ``hypotheses.jsonl``: one object per utterance, written and flushed as each batch finishes;
+- ``hypotheses.jsonl``: one object per utterance, appended and synced as each one finishes
+  (``speechllama.resultlog``), so a killed run loses at most the batch in flight; a re-run
+  into the same DIR with the same model and options (``run.json``) skips the utterances
+  already there. At the end the file is rewritten in manifest order, one row each;
 - ``alignments.txt``: per-utterance REF/HYP alignments (jiwer) in manifest order, then the most
   frequent substitutions, insertions and deletions;
 - ``summary.json``: WER, error counts, decoder calls, tokens, timing and real-time factors,
@@ -38,7 +41,9 @@ import numpy as np
 import torch
 
 from speechllama.decoding import DecodingOptions, DecodingResult
+from speechllama.resultlog import ResultLog, read_rows, replace_rows, write_text_atomic
 from speechllama.text import normalize
+from speechllama.transcribe import Clip
 
 if TYPE_CHECKING:
     from speechllama.data.manifest import Utterance
@@ -123,7 +128,7 @@ def summarize(
 
 def _record(utt: Utterance, result: DecodingResult) -> dict[str, Any]:
     ref = utt.text
-    row: dict[str, Any] = {"audio_filepath": utt.audio_filepath, "reference": ref}
+    row: dict[str, Any] = {"key": utt.key, "audio_filepath": utt.audio_filepath, "reference": ref}
     if utt.offset:
         row["offset"] = utt.offset
     if result.error is not None:
@@ -138,6 +143,7 @@ def _record(utt: Utterance, result: DecodingResult) -> dict[str, Any]:
         **{k: counts[k] for k in ("substitutions", "deletions", "insertions", "words")},
         decoder_calls=result.decoder_calls,
         tokens=len(result.tokens),
+        token_ids=list(result.tokens),
         accepted_per_call=list(result.accepted_per_call),
         encoder_seconds=round(result.encoder_seconds, 6),
         decoder_seconds=round(result.decoder_seconds, 6),
@@ -146,16 +152,32 @@ def _record(utt: Utterance, result: DecodingResult) -> dict[str, Any]:
     return row
 
 
-def _source(utt: Utterance) -> str | np.ndarray:
+def _result(row: dict[str, Any], utt: Utterance) -> DecodingResult | None:
+    """The result a hypotheses.jsonl row recorded for ``utt``, or None when the row is not a
+    finished result for exactly this utterance and reference (then it is done again)."""
+    if row.get("key") != utt.key or row.get("reference") != utt.text or "error" in row:
+        return None
+    try:
+        return DecodingResult(
+            text=str(row["hypothesis"]),
+            tokens=tuple(int(t) for t in row["token_ids"]),
+            decoder_calls=int(row["decoder_calls"]),
+            accepted_per_call=tuple(int(n) for n in row["accepted_per_call"]),
+            encoder_seconds=float(row["encoder_seconds"]),
+            decoder_seconds=float(row["decoder_seconds"]),
+            audio_seconds=float(row["audio_seconds"]),
+            audio_filepath=utt.audio_filepath,
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _source(utt: Utterance) -> str | Clip:
     """What to transcribe for ``utt``: its file, or for a segment of a longer file (``offset``,
-    as in NeMo/Lhotse manifests) the segment's samples. Raises ``AudioError``."""
+    as in NeMo/Lhotse manifests) that span of it (decoded only when its batch comes)."""
     if not utt.offset:
         return utt.audio_filepath
-    from speechllama.audio import load_audio
-
-    return load_audio(
-        utt.audio_filepath, max_seconds=None, offset=utt.offset, duration=utt.duration
-    )
+    return Clip(utt.audio_filepath, utt.offset, utt.duration)
 
 
 def reference_ids(text: str, tokenizer: Any) -> list[int]:
@@ -174,7 +196,7 @@ def reference_ids(text: str, tokenizer: Any) -> list[int]:
 
 def teacher_forced_accuracy(
     transcriber: Transcriber,
-    items: Sequence[tuple[Utterance, str | np.ndarray]],
+    items: Sequence[tuple[Utterance, str | np.ndarray | Clip]],
     batch_size: int = 8,
     fp16: bool = False,
 ) -> dict[str, Any]:
@@ -194,7 +216,7 @@ def teacher_forced_accuracy(
     correct = torch.zeros(num_heads, dtype=torch.long)
     scored = torch.zeros(num_heads, dtype=torch.long)
     skipped: list[dict[str, str]] = []
-    todo: list[tuple[Utterance, str | np.ndarray, list[int]]] = []
+    todo: list[tuple[Utterance, str | np.ndarray | Clip, list[int]]] = []
     for utt, source in items:
         try:
             todo.append((utt, source, reference_ids(utt.text, transcriber.tokenizer)))
@@ -213,7 +235,11 @@ def teacher_forced_accuracy(
             chunk, feats = [], []
             for utt, source, ids in todo[start : start + max(1, batch_size)]:
                 try:
-                    wave = source if isinstance(source, np.ndarray) else load_audio(source)
+                    if isinstance(source, Clip):
+                        wave = load_audio(source.path, max_seconds=None, offset=source.offset,
+                                          duration=source.duration)  # fmt: skip
+                    else:
+                        wave = source if isinstance(source, np.ndarray) else load_audio(source)
                 except AudioError as exc:
                     skipped.append({"audio_filepath": str(utt.audio_filepath), "reason": str(exc)})
                     continue
@@ -284,14 +310,14 @@ def evaluate_manifest(
 ) -> dict[str, Any]:
     """Transcribe every utterance of ``manifest`` (a NeMo JSONL path or ``Utterance`` objects)
     with ``model`` and score it. Returns the summary (see ``summarize``); with ``out_dir`` also
-    writes hypotheses.jsonl (as results arrive), alignments.txt and summary.json there.
+    writes hypotheses.jsonl (as results arrive), alignments.txt and summary.json there, and
+    resumes a killed run of the same evaluation there (see ``_resume``).
     ``head_accuracy``: add the teacher-forced per-head accuracy of the utterances that decoded
     (see ``teacher_forced_accuracy``; it costs one more encoder and decoder pass, untimed).
 
     The training loop uses this for dev WER: ``evaluate_manifest(Transcriber(model, tok), dev)``.
     ``on_result(index, result)`` is called as each utterance finishes (the CLI prints errors).
     """
-    from speechllama.audio import AudioError
     from speechllama.data.manifest import load_manifest
 
     options = options or DecodingOptions()
@@ -306,49 +332,78 @@ def evaluate_manifest(
     refs = [u.text for u in utts]
     results: list[DecodingResult | None] = [None] * len(utts)
     out = Path(out_dir) if out_dir is not None else None
-    hyp_file = None
+    log = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        hyp_file = (out / "hypotheses.jsonl").open("w", encoding="utf-8")
-
-    def finish(index: int, result: DecodingResult) -> None:
-        result = dataclasses.replace(result, audio_filepath=utts[index].audio_filepath)
-        results[index] = result
-        if on_result is not None:
-            on_result(index, result)
-        if hyp_file is not None:
-            hyp_file.write(json.dumps(_record(utts[index], result), ensure_ascii=False) + "\n")
-            hyp_file.flush()
-
+        for index, result in _resume(out, utts, options, model).items():
+            results[index] = result
+            if on_result is not None:
+                on_result(index, result)
+        log = ResultLog(out / HYPOTHESES)
+        log.open()
+    sources = [_source(u) for u in utts]
+    todo = [i for i, r in enumerate(results) if r is None]
     try:
-        sources, where = [], []
-        for index, utt in enumerate(utts):
-            try:
-                sources.append(_source(utt))
-            except AudioError as exc:
-                finish(index, DecodingResult(text="", tokens=(), decoder_calls=0, error=str(exc)))
-                continue
-            where.append(index)
-        for j, result in model.transcribe_iter(sources, options):
-            finish(where[j], result)
+        for j, result in model.transcribe_iter([sources[i] for i in todo], options):
+            index = todo[j]
+            result = dataclasses.replace(result, audio_filepath=utts[index].audio_filepath)
+            results[index] = result
+            if on_result is not None:
+                on_result(index, result)
+            if log is not None:
+                log.append(_record(utts[index], result))
     finally:
-        if hyp_file is not None:
-            hyp_file.close()
+        if log is not None:
+            log.close()
     done = [r for r in results if r is not None]
     summary = summarize(refs, done, strategy=options.strategy)
     summary["options"] = json.loads(json.dumps(dataclasses.asdict(options)))  # tuples -> lists
     if head_accuracy:
-        decoded = [
-            (utts[i], source)
-            for i, source in zip(where, sources, strict=True)
-            if results[i] is not None and results[i].error is None
-        ]
+        decoded = [(u, src) for u, src, r in zip(utts, sources, done, strict=True) if not r.error]
         summary.update(
             teacher_forced_accuracy(model, decoded, options.batch_size, fp16=options.fp16)
         )
-    if out is not None:
-        write_report(out, utts, done, summary)
+    if out is not None:  # the journal becomes the tidy file: manifest order, one row each
+        write_report(out, utts, done, summary, hypotheses=True)
     return summary
+
+
+HYPOTHESES = "hypotheses.jsonl"
+RUN_FILE = "run.json"
+
+
+def _resume(
+    out: Path, utts: Sequence[Utterance], options: DecodingOptions, model: Transcriber
+) -> dict[int, DecodingResult]:
+    """Results a killed earlier run of the same evaluation left in ``out`` (index -> result).
+
+    Same evaluation: ``run.json`` records the decoding options and the model's checkpoint
+    config (its weights' provenance); when either differs, or the model has no config (one being
+    trained), ``out`` starts afresh. Rows are matched by utterance key and reference, so rows
+    of utterances no longer in the manifest are dropped; failed utterances are retried."""
+    run = {
+        "options": json.loads(json.dumps(dataclasses.asdict(options))),
+        "model": json.loads(json.dumps(model.meta, sort_keys=True, default=str)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    same = False
+    if model.meta and (out / RUN_FILE).is_file():
+        try:
+            same = json.loads((out / RUN_FILE).read_text(encoding="utf-8")) == run
+        except (OSError, ValueError):
+            same = False
+    if not same:
+        write_text_atomic(out / RUN_FILE, json.dumps(run, indent=1) + "\n")
+        replace_rows(out / HYPOTHESES, [])
+        return {}
+    rows, _ = read_rows(out / HYPOTHESES)
+    by_key = {row.get("key"): row for row in rows}  # a later row for a key wins
+    found = {}
+    for index, utt in enumerate(utts):
+        row = by_key.get(utt.key)
+        result = _result(row, utt) if row is not None else None
+        if result is not None:
+            found[index] = result
+    return found
 
 
 def write_report(
@@ -362,14 +417,12 @@ def write_report(
     ``out``; with ``hypotheses`` also hypotheses.jsonl, all rows at once (what rank 0 of a
     sharded evaluation writes after merging the ranks' results, ``distributed_eval``)."""
     if hypotheses:
-        pairs = zip(utts, results, strict=True)
-        rows = [json.dumps(_record(u, r), ensure_ascii=False) + "\n" for u, r in pairs]
-        (out / "hypotheses.jsonl").write_text("".join(rows), encoding="utf-8")
+        replace_rows(out / HYPOTHESES, [_record(u, r) for u, r in zip(utts, results, strict=True)])
     ok = [(u, r) for u, r in zip(utts, results, strict=True) if r.error is None]
     text = alignment_text(
         [str(u.audio_filepath) for u, _ in ok],
         [normalize(u.text) for u, _ in ok],
         [normalize(r.text) for _, r in ok],
     )
-    (out / "alignments.txt").write_text(text, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / "alignments.txt", text)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")

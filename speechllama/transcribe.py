@@ -25,6 +25,7 @@ import importlib.resources
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,18 @@ if TYPE_CHECKING:
     from speechllama.model.speechllama import SpeechLLaMA
     from speechllama.text import Tokenizer
 
-AudioInput = str | os.PathLike | np.ndarray
+
+@dataclass(frozen=True)
+class Clip:
+    """A span of an audio file, ``offset`` seconds in and ``duration`` long (None: to the end),
+    as manifests describe segments of longer recordings; only that span is ever decoded."""
+
+    path: str
+    offset: float = 0.0
+    duration: float | None = None
+
+
+AudioInput = str | os.PathLike | np.ndarray | Clip
 SAMPLE_RATE = 16_000
 # Checkpoints shipped inside the package (package-data "models/**/*"), by name; "default" is
 # what load_model(None) and the CLI without --model use. Only the trained parts are shipped.
@@ -55,6 +67,8 @@ class _Item:
 
     def __init__(self, index: int, source: AudioInput, piece: Segment | None = None) -> None:
         self.index = index
+        if isinstance(source, Clip):  # _split gives its span as the piece
+            source = source.path
         self.source = source
         self.name = None if isinstance(source, np.ndarray) else os.fspath(source)
         self.piece = piece
@@ -110,7 +124,7 @@ class Transcriber:
         returns one ``DecodingResult`` and raises on bad audio; a list returns a list in input
         order with ``error`` set on the bad ones."""
         options = dataclasses.replace(options or DecodingOptions(), **option_overrides)
-        single = isinstance(audio, (str, os.PathLike, np.ndarray))
+        single = isinstance(audio, (str, os.PathLike, np.ndarray, Clip))
         inputs = [audio] if single else list(audio)
         results: list[DecodingResult | None] = [None] * len(inputs)
         for index, result in self.transcribe_iter(inputs, options, raise_errors=single):
@@ -145,7 +159,7 @@ class Transcriber:
             if not parts:  # a long input without speech
                 yield index, _empty(_Item(index, source), seconds)
                 continue
-            if parts[0].piece is not None:
+            if parts[0].piece is not None and not isinstance(source, Clip):
                 pieces[index] = _Pieces(len(parts), seconds)
             items.extend(parts)
         items.sort(key=lambda it: it.duration)
@@ -153,7 +167,7 @@ class Transcriber:
         for start in range(0, len(items), size):
             batch = items[start : start + size]
             for item, result in self._batch(batch, options, strategy, raise_errors):
-                if item.piece is None:
+                if item.index not in pieces:
                     yield item.index, result
                     continue
                 joined = pieces[item.index].add(item.piece, result)
@@ -279,6 +293,14 @@ def _failed(item: _Item, exc: Exception) -> DecodingResult:
     )
 
 
+def _clip_span(clip: Clip) -> Segment:
+    """The span of ``clip`` in its file (its length read from the header when open-ended)."""
+    from speechllama.audio import audio_duration
+
+    end = audio_duration(clip.path) if clip.duration is None else clip.offset + clip.duration
+    return Segment(clip.offset, end)
+
+
 def _empty(item: _Item, seconds: float) -> DecodingResult:
     """The result for audio without speech: an empty transcript, no decoder call."""
     return DecodingResult(
@@ -290,8 +312,13 @@ def _split(index: int, source: AudioInput) -> tuple[list[_Item], float]:
     """The items to transcribe for one input (itself, or when longer than ``MAX_SECONDS`` its
     speech segments: none for a long input without speech) and its duration in seconds. Only
     a file's header and frame energies are read here. Raises ``AudioError``."""
-    from speechllama.audio import audio_duration
+    from speechllama.audio import AudioError, audio_duration
 
+    if isinstance(source, Clip):  # a manifest's segment: transcribed as it is
+        span = _clip_span(source)
+        if span.duration <= 0:
+            raise AudioError(source.path, f"segment at {source.offset:g} s is past the end")
+        return [_Item(index, source, span)], span.duration
     item = _Item(index, source)
     if isinstance(source, np.ndarray):
         wave = _check_array(source)

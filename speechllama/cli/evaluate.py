@@ -3,7 +3,9 @@
 Writes DIR/hypotheses.jsonl (as utterances finish), DIR/alignments.txt and DIR/summary.json
 (with each head's teacher-forced top-1 accuracy, ``head_accuracy``, unless --no-head-accuracy),
 and prints a one-line summary. Utterances whose audio fails print one error line each, are left
-out of the WER, and make the exit code 1.
+out of the WER, and make the exit code 1. Bad manifest rows are all listed (MANIFEST:LINE:
+problem) and stop the command unless --skip-bad. A killed run resumes when re-run with the same
+--out (see ``speechllama.evaluate``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N utterances")
     p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="evaluate the valid rows of a manifest with bad ones (each bad row is still "
+        "reported, as MANIFEST:LINE: problem)",
+    )
+    p.add_argument(
         "--head-accuracy",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -44,12 +52,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _utterances(args: argparse.Namespace) -> list | None:
+    """The manifest's valid rows; every bad row is printed (MANIFEST:LINE: problem), and None
+    (exit 1) when there are bad rows without --skip-bad, or no valid row at all."""
+    from speechllama.data.manifest import check_manifest
+
+    # Audio problems are per-utterance failures later (counted, reported), not bad rows here.
+    check = check_manifest(args.manifest, check_audio=False)
+    for problem in check.problems:
+        print(f"{args.manifest}:{problem.line}: {problem.message}", file=sys.stderr)
+    if check.problems and not args.skip_bad:
+        print(
+            f"{_PROG}: error: {args.manifest}: {len(check.problems)} bad row(s) of {check.rows} "
+            "(--skip-bad evaluates the others)",
+            file=sys.stderr,
+        )
+        return None
+    if not check.utterances:
+        print(f"{_PROG}: error: {args.manifest}: no valid rows", file=sys.stderr)
+        return None
+    return list(check.utterances)
+
+
 def run(args: argparse.Namespace) -> int:
     from speechllama.distributed_eval import evaluate_sharded, rank_device
     from speechllama.transcribe import load_model
 
     setup_torch(args)
     options = decoding_options(args)
+    utts = _utterances(args)
+    if utts is None:
+        return 1
     model = load_model(args.model, device=rank_device(args.device))
 
     def report(_index: int, result) -> None:
@@ -58,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     s = evaluate_sharded(  # the manifest shared among ranks under torchrun
         model,
-        args.manifest,
+        utts,
         options=options,
         out_dir=args.out,
         limit=args.limit,

@@ -1,7 +1,8 @@
 """``speechllama transcribe FILE...``: print ``path<TAB>text`` per file as each batch finishes.
 
-With ``--output out.jsonl`` every transcript is also appended (and flushed) as one JSON object,
-and a re-run with the same output skips the files already in it, so an interrupted job resumes.
+With ``--output out.jsonl`` every transcript is also appended as one JSON line, synced to disk
+before the next (``speechllama.resultlog``), and a re-run with the same output skips the files
+already in it, so a job killed at any moment resumes where it stopped and loses nothing.
 Bad files print one error line naming the file; the rest are still transcribed; the exit code
 is 1 if any file failed. Also home of the decoding flags that ``evaluate`` shares.
 """
@@ -9,7 +10,6 @@ is 1 if any file failed. Also home of the decoding flags that ``evaluate`` share
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -133,19 +133,13 @@ def _key(path: str) -> str:
 
 
 def _done(output: Path) -> tuple[set[str], bool]:
-    """Files already transcribed into ``output``, and whether it ends mid-line (a crash)."""
-    if not output.exists():
-        return set(), False
-    text = output.read_text(encoding="utf-8")
-    done = set()
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash: that file is redone
-        if isinstance(row, dict) and isinstance(row.get("audio_filepath"), str):
-            done.add(_key(row["audio_filepath"]))
-    return done, bool(text) and not text.endswith("\n")
+    """Files already transcribed into ``output``, and whether it ends mid-line (a write cut
+    short by a kill: that row is dropped and its file redone; see ``resultlog``)."""
+    from speechllama.resultlog import read_rows
+
+    rows, torn = read_rows(output)
+    done = {_key(r["audio_filepath"]) for r in rows if isinstance(r.get("audio_filepath"), str)}
+    return done, torn
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,12 +150,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_files(args: argparse.Namespace) -> int:
+    from speechllama.resultlog import ResultLog
     from speechllama.transcribe import load_model
 
     setup_torch(args)
     options = decoding_options(args)
     files = list(dict.fromkeys(args.files))  # each file once, in the order given
-    done, cut = _done(args.output) if args.output else (set(), False)
+    done, _ = _done(args.output) if args.output else (set(), False)
     todo = [f for f in files if _key(f) not in done]
     if len(todo) < len(files):
         print(
@@ -172,12 +167,10 @@ def _run_files(args: argparse.Namespace) -> int:
         return 0
     model = load_model(args.model, device=args.device)
     failed = 0
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-    out = args.output.open("a", encoding="utf-8") if args.output else None
+    out = ResultLog(args.output) if args.output else None  # one durable line per result
+    if out is not None:
+        out.open()
     try:
-        if out is not None and cut:
-            out.write("\n")
         for index, result in model.transcribe_iter(todo, options):
             if result.error is not None:
                 failed += 1
@@ -193,8 +186,7 @@ def _run_files(args: argparse.Namespace) -> int:
                     "seconds": round(result.encoder_seconds + result.decoder_seconds, 6),
                     "audio_seconds": round(result.audio_seconds, 6),
                 }
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                out.flush()
+                out.append(row)
     finally:
         if out is not None:
             out.close()
