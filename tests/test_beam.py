@@ -284,6 +284,26 @@ def test_rescoring_replaces_the_heads_guesses():
     assert out[0][1].provisional == 0.0 and out[1][1] == b
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "prefix-beam"])
+def test_loop_cache_is_left_alone_by_beam_strategies(fitted, strategy, monkeypatch):
+    """The beam strategies decode from their own cache (``own_cache``): the loop never
+    compacts its idle one, while greedy on the same batch does."""
+    import speechllama.decoding.base as base
+
+    model, audio, lens = fitted
+    calls: list[int] = []
+    real = base.compact_finished
+
+    def spy(state, cache):
+        calls.append(len(state.live))
+        return real(state, cache)
+
+    monkeypatch.setattr(base, "compact_finished", spy)
+    run(model, audio, lens, strategy=strategy, beam_size=3)
+    assert get_strategy(DecodingOptions(strategy=strategy)).own_cache == (strategy != "greedy")
+    assert bool(calls) == (strategy == "greedy")
+
+
 def test_prefix_beam_needs_fewer_calls_than_beam(fitted):
     model, audio, lens = fitted
     beam = run(model, audio, lens, strategy="beam", beam_size=4)

@@ -102,6 +102,9 @@ class Strategy(ABC):
 
     name: str = "base"
     lookahead: int = 1
+    # True for a strategy that decodes from its own copy of the cache after ``start`` (the beam
+    # searches): the loop's cache is then idle, so the loop never compacts it (a wasted copy).
+    own_cache: bool = False
 
     def __init__(self, options: DecodingOptions) -> None:
         self.options = options
@@ -278,7 +281,7 @@ def decode(
 
     while not state.done:
         t0 = time.perf_counter()
-        if compact:  # its copy is part of this call's cost, charged to the rows that remain
+        if compact and not strategy.own_cache:  # the copy is part of this call's cost
             compact_finished(state, cache)
         live = state.live
         calls0 = model.decoder_calls

@@ -234,13 +234,16 @@ class BeamSearchStrategy(Strategy):
     """Beam search over blocks of up to n tokens (n = the heads this strategy reads).
 
     The loop's cache holds one row per utterance; ``start`` makes the beam's own cache from it
-    (a shallow copy, then ``reorder`` into one row per hypothesis), so the loop's compaction
-    of finished utterances never touches beam rows. ``sink``, when given, receives every
-    utterance's finished hypotheses (best first) in batch order at ``finalize``: that is how
-    :func:`speechllama.decoding.nbest.nbest` reads N-best lists through the ordinary loop.
+    (a shallow copy, then ``reorder`` into one row per hypothesis) and never reads the loop's
+    cache again, so it sets ``own_cache`` and the loop skips compacting it (copies of a cache
+    nobody reads: measured on a 4-head 6-layer d = 384 model, 40 synth-heldout utterances at
+    batch 8, 16-20 copies and 12-16 ms of 4.0-5.8 CPU s, 0.3%). ``sink``, when given, receives
+    every utterance's finished hypotheses (best first) in batch order at ``finalize``: that is
+    how :func:`speechllama.decoding.nbest.nbest` reads N-best lists through the ordinary loop.
     """
 
     name = "beam-search"
+    own_cache = True  # the loop's cache is idle after start: the loop leaves it uncompacted
 
     def __init__(
         self, options: DecodingOptions, sink: list[list[BeamHypothesis]] | None = None
