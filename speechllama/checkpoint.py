@@ -30,12 +30,13 @@ real tensor is allocated. A config of a few hundred bytes can otherwise ask for 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     sourced = weights.get("encoder") == "source"
     skip = sourced_decoder_names(config) if sourced_llm else set()
     try:
-        with torch.device("meta"):  # shapes only: checked before anything is allocated
+        with _shapes_only():  # checked before anything is allocated
             shadow = SpeechLLaMA(config)
     except Exception as exc:  # whatever a hostile config trips inside the model code
         raise CheckpointError(f"{root / CONFIG_FILE}: cannot build this model ({exc})") from None
@@ -230,6 +231,31 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         load_sourced_decoder(model, fresh=False)
     model.to(device).eval()
     return model, tokenizer, doc
+
+
+_INIT_FILLS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
+               "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+               "orthogonal_", "sparse_")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _shapes_only() -> Iterator[None]:
+    """Build modules on the meta device (shapes, no memory), with ``torch.nn.init``'s fills
+    skipped: on meta tensors they run Python decompositions whose first call imports
+    ``torch._dynamo``, which took 20 s here on a loaded machine, for values no one reads."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FILLS}
+    try:
+        for name in _INIT_FILLS:
+            setattr(torch.nn.init, name, _keep)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fill in saved.items():
+            setattr(torch.nn.init, name, fill)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
 
 
 def memory_bytes() -> int:

@@ -11,6 +11,7 @@ import copy
 import json
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,8 +80,11 @@ def no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_good_checkpoint_loads_without_pickle(good: Path, built_on: list[str]) -> None:
+    dynamo_before = "torch._dynamo" in sys.modules
     model, tok, doc = load_checkpoint(good)
     assert built_on == ["meta", "cpu"] and tok.vocab_size == 24
+    # the shape-only build must not drag in torch._dynamo (20 s of imports on a loaded CPU)
+    assert dynamo_before or "torch._dynamo" not in sys.modules
     assert doc["model"]["decoder"]["vocab_size"] == model.config.decoder.vocab_size
 
 
