@@ -35,14 +35,11 @@ CLI = [sys.executable, "-c", "import sys; from speechllama.cli import main; sys.
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def wavs(tmp_path_factory) -> list[Path]:
-    root = tmp_path_factory.mktemp("wavs")
-    return [write_wav(root / f"u{i:02d}.wav", 0.3 + 0.05 * i, seed=i) for i in range(16)]
+def job(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A random ``tiny`` checkpoint and 16 clips of 0.3 to 1.05 s."""
+    root = tmp_path_factory.mktemp("job")
+    clips = [write_wav(root / f"u{i:02d}.wav", 0.3 + 0.05 * i, seed=i) for i in range(16)]
+    return make_checkpoint(root / "model"), clips
 
 
 # --- the result log ---------------------------------------------------------------------------
@@ -98,7 +95,8 @@ def _valid_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in lines[:-1]]
 
 
-def test_transcribe_output_survives_sigkill_and_resumes(ckpt, wavs, tmp_path, capsys) -> None:
+def test_transcribe_output_survives_sigkill_and_resumes(job, tmp_path, capsys) -> None:
+    ckpt, wavs = job
     files = [str(w) for w in wavs]
     common = ["--model", str(ckpt), "--threads", "1", "--batch-size", "2"]
     ref = tmp_path / "ref.jsonl"
@@ -121,8 +119,9 @@ def test_transcribe_output_survives_sigkill_and_resumes(ckpt, wavs, tmp_path, ca
 
 
 def test_evaluate_survives_sigkill_and_skips_finished_utterances(
-    ckpt, wavs, tmp_path, monkeypatch
+    job, tmp_path, monkeypatch
 ) -> None:
+    ckpt, wavs = job
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(
         json.dumps({"audio_filepath": str(w), "text": "a stitch in time",
@@ -156,7 +155,8 @@ def test_evaluate_survives_sigkill_and_skips_finished_utterances(
         assert got_sum[key] == ref_sum[key], key
 
 
-def test_a_different_model_or_options_start_afresh(ckpt, wavs, tmp_path) -> None:
+def test_a_different_model_or_options_start_afresh(job, tmp_path) -> None:
+    ckpt, wavs = job
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(
         json.dumps({"audio_filepath": str(w), "text": "hi", "duration": sf.info(w).duration})
