@@ -91,7 +91,9 @@ def session(device: str | None = None, backend: str | None = None) -> Iterator[D
 
     ``backend``: default NCCL when ``device`` is CUDA, else gloo (sharded evaluation passes
     gloo: it only exchanges a few Python objects). A group that already exists (a caller's own)
-    is used and left alone; outside torchrun this yields a single-process context."""
+    is used and left alone; outside torchrun this yields a single-process context. One session
+    per process: re-creating the default group in a process that left one can hang (seen with
+    gloo), so a program that runs several distributed jobs creates the group once itself."""
     created = False
     if dist.is_available() and not dist.is_initialized() and launched_world_size() > 1:
         cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
