@@ -333,8 +333,10 @@ def evaluate_manifest(
     results: list[DecodingResult | None] = [None] * len(utts)
     out = Path(out_dir) if out_dir is not None else None
     log = None
+    resumed = 0
     if out is not None:
         for index, result in _resume(out, utts, options, model).items():
+            resumed += 1
             results[index] = result
             if on_result is not None:
                 on_result(index, result)
@@ -357,6 +359,8 @@ def evaluate_manifest(
     done = [r for r in results if r is not None]
     summary = summarize(refs, done, strategy=options.strategy)
     summary["options"] = json.loads(json.dumps(dataclasses.asdict(options)))  # tuples -> lists
+    if resumed:
+        summary["resumed"] = resumed  # utterances an interrupted run had finished
     if head_accuracy:
         decoded = [(u, src) for u, src, r in zip(utts, sources, done, strict=True) if not r.error]
         summary.update(

@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if s is None:
         return 0  # a rank > 0 under torchrun: rank 0 scores the merged results and reports
+    if s.get("resumed"):
+        print(f"{_PROG}: resumed: {s['resumed']} utterance(s) were already done", file=sys.stderr)
     for skip in s.get("head_accuracy_skipped", ()):
         print(
             f"{_PROG}: note: {skip['audio_filepath']}: not in head_accuracy: {skip['reason']}",
