@@ -93,6 +93,9 @@ def evaluate_sharded(
     ordered = [merged[i] for i in range(len(utts))]
     summary = summarize([u.text for u in utts], ordered, strategy=parts[0][1]["strategy"])
     summary["options"] = parts[0][1]["options"]
+    resumed = sum(p.get("resumed", 0) for _, p in parts)
+    if resumed:
+        summary["resumed"] = resumed  # found done in the ranks' shards by a re-run
     if "head_accuracy" in parts[0][1]:
         summary.update(merge_head_accuracy([p for _, p in parts]))
     if out_dir is not None:
