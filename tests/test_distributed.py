@@ -176,6 +176,7 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(runs: Path)
     _close(ddp, single, atol=1e-5)
     # Rank 0 alone evaluated and wrote: one start event, one eval, checkpoints in one place.
     assert len(_events(runs / "ddp", "start")) == 1 and len(_events(runs / "ddp", "eval")) == 1
+    assert _events(runs / "ddp", "start")[0]["world_size"] == WORLD
     assert (runs / "ddp" / "best" / "config.json").is_file()
 
 

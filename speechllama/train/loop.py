@@ -223,6 +223,7 @@ class Trainer:
             head_one_frozen=self.pin is not None,
             params=sum(p.numel() for p in self.params),
             device=str(self.device),
+            world_size=self.dist.world_size,  # processes; each trains on its share of batches
             ctc_weight=self.ctc_weight,
         )
         quiet = not cfg.progress or not self.dist.is_main
