@@ -48,7 +48,7 @@ class _Stop(RuntimeError):
 def _worker(jobs_file: str, own_group: bool) -> int:
     """Run each job's CLI argv in this torchrun process; ``dump``: save this rank's trained
     weights (FSDP: the gathered full weights, on rank 0); ``stop_after``: crash at that
-    micro-batch, as a killed job would.
+    micro-batch, as a killed job would; ``nan_at`` [rank, n]: that rank's n-th loss is NaN.
 
     Without ``own_group`` the (single) job joins and leaves the process group itself, as the
     CLI does; with it the jobs share one group made here, since the default group cannot be
@@ -61,13 +61,16 @@ def _worker(jobs_file: str, own_group: bool) -> int:
     real_run, real_loss = loop.Trainer.run, loop.compute_loss
     for job in json.loads(Path(jobs_file).read_text()):
         calls = [0]
-        stop, dump = job.get("stop_after"), job.get("dump")
+        stop, dump, nan = job.get("stop_after"), job.get("dump"), job.get("nan_at")
 
-        def loss(*args, calls=calls, stop=stop, **kwargs):
+        def loss(*args, calls=calls, stop=stop, nan=nan, **kwargs):
             calls[0] += 1
             if stop is not None and calls[0] > stop:
                 raise _Stop(f"stopped at micro-batch {calls[0]}")
-            return real_loss(*args, **kwargs)
+            out = real_loss(*args, **kwargs)
+            if nan == [rank, calls[0]]:  # this rank alone gets a non-finite loss
+                out = dataclasses.replace(out, total=out.total * float("nan"))
+            return out
 
         def run(self, dump=dump):
             result = real_run(self)
@@ -127,7 +130,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     manifest, init = _make_data(root)
     data = ["--train", str(manifest), "--init", str(init)]
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "fsdp", "nan"):
         (root / f"dump-{name}").mkdir()
     wavs = sorted(str(p) for p in root.glob("u*.wav"))
     model = str(root / "single" / "step-00000003")  # made by the one-process run below
@@ -136,6 +139,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
          "dump": str(root / "dump-ddp")},
         {"argv": ["train", *data, *TRAIN, "--fsdp", "--out", str(root / "fsdp")],
          "dump": str(root / "dump-fsdp")},
+        {"argv": ["train", *data, *TRAIN, "--out", str(root / "nan")], "nan_at": [1, 2],
+         "dump": str(root / "dump-nan")},
         {"argv": ["train", *data, *TRAIN, "--out", str(root / "cut")], "stop_after": 2,
          "code": 1},  # crashes in step 3 (one micro-batch per rank and step), after step-2
         {"argv": ["train", *data, *TRAIN, "--out", str(root / "cut"), "--resume"]},
@@ -186,6 +191,17 @@ def test_both_ranks_hold_identical_weights(runs: Path) -> None:
         assert torch.equal(value, ranks[1][name]), name
     saved = load_file(runs / "ddp" / "step-00000003" / "model.safetensors")
     _close(saved, {k: ranks[0][k] for k in saved}, atol=0.0)
+
+
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_all(runs: Path) -> None:
+    # Rank 1's second loss is NaN: both ranks skip that micro-batch (no rank waits for the
+    # other's gradients), the step still averages gradients (zeros), the ranks stay identical.
+    skipped = _events(runs / "nan", "skipped_batch")
+    assert [e["step"] for e in skipped] == [1]  # logged once, by rank 0, in step 2
+    assert [e["step"] for e in _events(runs / "nan", "train")] == [1, 2, 3]
+    ranks = [load_file(runs / "dump-nan" / f"rank{r}.safetensors") for r in range(WORLD)]
+    _close(ranks[1], ranks[0], atol=0.0)
+    assert all(torch.isfinite(v).all() for v in ranks[0].values())
 
 
 def test_fsdp_trains_like_ddp(runs: Path) -> None:
@@ -252,6 +268,21 @@ def test_ranks_share_the_single_process_batches() -> None:
     assert ranks[0].epoch_batches(0) != ranks[0].epoch_batches(1)
     with pytest.raises(ValueError, match="rank"):
         DurationBucketSampler(durations, 12.0, rank=2, world_size=2)
+
+
+def test_resume_restores_this_ranks_rng_and_refuses_another_world_size() -> None:
+    from speechllama.train.distributed import DistContext, restore_rng
+
+    saved = torch.get_rng_state()
+    expected = torch.rand(3)
+    where = Path("run/step-00000002")
+    restore_rng({"torch_rng": saved}, DistContext(), where)  # a checkpoint from before ranks
+    assert torch.equal(torch.rand(3), expected)
+    state = {"torch_rng": saved, "rank_rng": [saved, saved], "world_size": 2}
+    with pytest.raises(ValueError, match="saved by 2 process"):
+        restore_rng(state, DistContext(), where)
+    restore_rng(state, DistContext(rank=1, world_size=2), where)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_merged_head_accuracy_counts_like_one_process() -> None:
