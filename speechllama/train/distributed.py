@@ -17,10 +17,12 @@ and evaluates the dev set; the others wait at a barrier. The process-group timeo
 FSDP (``--fsdp``, FSDP2 ``fully_shard``: each decoder block is one unit, the rest of the model
 the root unit) shards parameters, gradients and AdamW state across ranks, so training needs
 about 1/world_size of the ~16 bytes per parameter that fp32 AdamW training takes. Limits, by
-design: the full model is built on every rank before it is sharded, and for dev evaluation and
-checkpoints its full weights are gathered into a plain copy on rank 0, so the weights alone
-(4 bytes per parameter in fp32) must still fit on one device; ``--freeze`` (heads-only
-training) is refused with it. Tested on CPU with gloo only (not with NCCL on GPUs).
+design: the full model is built on every rank before it is sharded, and rank 0 keeps a plain
+full copy on its device into which the full weights are gathered for dev evaluation and
+checkpoints, so the weights (4 bytes per parameter in fp32) must still fit on one device beside
+rank 0's share of the training state; ``--freeze`` (heads-only training) and ``--mwer`` (its
+beam search calls decoder blocks outside the sharded forward) are refused with it. Tested on
+CPU with gloo only (not with NCCL on GPUs).
 """
 
 from __future__ import annotations
