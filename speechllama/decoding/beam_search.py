@@ -300,7 +300,10 @@ class BeamSearchStrategy(Strategy):
         for origin, members in groups.items():
             b = where[origin]
             pool = search.pools.setdefault(origin, {})
-            opened = self._extend(search, scored, members, state.max_tokens[b], pool, state.eos_id)
+            limit = state.max_tokens[b]
+            opened = self._extend(search, scored, members, limit, pool, state.eos_id)
+            if self.rescore:
+                self._pool_endings(search, scored, members, limit, pool, state.eos_id)
             if self._stopped(pool, [h for _, h in opened]):
                 search.results[origin] = self._ranked(pool)
                 state.finished[b] = True
@@ -365,6 +368,32 @@ class BeamSearchStrategy(Strategy):
                 if len(opened) == self.beam:
                     break
         return opened
+
+    def _pool_endings(
+        self,
+        search: SearchState,
+        scored: _Scored,
+        members: list[int],
+        limit: int,
+        pool: dict[tuple[int, ...], BeamHypothesis],
+        eos_id: int,
+    ) -> None:
+        """With rescoring, offer the pool every one-token ending of the utterance's rows (head
+        1's EOS, or a token that reaches the limit), not only those that outrank the
+        ``beam``-th open candidate: their scores are exact while open candidates carry the
+        heads' guesses, which on uncertain audio outrank every ending, so that no hypothesis
+        could ever finish before the limit. Only one-token blocks can end (``_extend``)."""
+        for r in members:
+            parent = search.rows[r][1]
+            for c, j in enumerate(scored.lengths):
+                total = scored.total[r][c]
+                if j != 1 or not total > -math.inf:
+                    continue
+                token = scored.tokens[r][c][0]
+                ended = token == eos_id
+                toks = parent.tokens if ended else (*parent.tokens, token)
+                if ended or len(toks) == limit:
+                    self._pool_add(pool, BeamHypothesis(toks, total, (*parent.blocks, 1), ended))
 
     def _ranked(self, pool: dict[tuple[int, ...], BeamHypothesis]) -> list[BeamHypothesis]:
         return sorted(pool.values(), key=lambda h: -normalised(h.score, h.scored, self.alpha))
