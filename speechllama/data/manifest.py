@@ -241,7 +241,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 try:
                     yield number, json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield number, _RowError(f"malformed JSON ({exc.msg} at column {exc.colno})")
+                    what = exc.msg.removesuffix(" at")  # "Invalid control character at"
+                    yield number, _RowError(f"malformed JSON ({what} at column {exc.colno})")
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
         raise OSError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
 
