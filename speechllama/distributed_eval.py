@@ -11,8 +11,9 @@ every share without talking to the others, and a restarted job deals the same sh
   writes ``OUT/hypotheses.jsonl``, ``alignments.txt`` and ``summary.json``: the files a
   one-process run writes, up to the order of hypotheses.jsonl rows and the timings.
 - ``transcribe --output OUT.jsonl``: each rank appends its rows to ``OUT.jsonl.rank-R-of-W`` (and
-  skips files already there or in OUT.jsonl, so an interrupted job resumes), then rank 0 appends
-  the parts to OUT.jsonl in rank order and deletes them.
+  skips files already there or in OUT.jsonl, so an interrupted job resumes), then rank 0 adds
+  the parts' rows to OUT.jsonl in rank order (one atomic rewrite, no file twice) and deletes
+  the parts.
 
 The group is always gloo: what the ranks exchange is a few Python objects, whatever device the
 model runs on (``rank_device`` gives each rank its own GPU, ``cuda:LOCAL_RANK``).
@@ -163,17 +164,23 @@ def transcribe_sharded(
 
 
 def _append_parts(output: Path, parts: list[Path]) -> None:
-    """Append the parts' rows to ``output`` (complete lines only; a line cut short by a crash
-    is dropped, its file was not finished) and delete the parts."""
-    rows: list[str] = []
+    """Add the parts' rows (complete lines only: a torn tail's file was not finished) to
+    ``output`` in one atomic rewrite, leaving out files already there, so a merge cut short and
+    run again adds nothing twice; then delete the parts."""
+    from speechllama.resultlog import read_rows, replace_rows
+
+    rows, _ = read_rows(output)
+    seen = {_file_key(r) for r in rows}
     for part in parts:
-        if part.exists():
-            rows.extend(line for line in part.read_text(encoding="utf-8").splitlines(True)
-                        if line.endswith("\n"))  # fmt: skip
-    text = output.read_text(encoding="utf-8") if output.exists() else ""
-    with output.open("a", encoding="utf-8") as f:
-        if text and not text.endswith("\n"):
-            f.write("\n")
-        f.writelines(rows)
+        for row in read_rows(part)[0]:
+            if _file_key(row) not in seen:
+                seen.add(_file_key(row))
+                rows.append(row)
+    replace_rows(output, rows)
     for part in parts:
         part.unlink(missing_ok=True)
+
+
+def _file_key(row: dict[str, Any]) -> str | None:
+    name = row.get("audio_filepath")
+    return os.path.abspath(name) if isinstance(name, str) else None

@@ -270,6 +270,20 @@ def test_ranks_share_the_single_process_batches() -> None:
         DurationBucketSampler(durations, 12.0, rank=2, world_size=2)
 
 
+def test_transcription_parts_merge_once_into_the_output(tmp_path: Path) -> None:
+    from speechllama.distributed_eval import _append_parts, part_path
+
+    out = tmp_path / "t.jsonl"
+    out.write_text('{"audio_filepath": "a.wav", "text": "x"}\n')
+    parts = [part_path(out, r, 2) for r in range(2)]
+    parts[0].write_text('{"audio_filepath": "b.wav", "text": "y"}\n{"audio_filepath": "d.w')
+    parts[1].write_text('{"audio_filepath": "a.wav", "text": "x"}\n{"audio_filepath": "c.wav"}\n')
+    _append_parts(out, parts)  # b and c added; a already there; d's row was torn (unfinished)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["audio_filepath"] for r in rows] == ["a.wav", "b.wav", "c.wav"]
+    assert not any(p.exists() for p in parts)
+
+
 def test_resume_restores_this_ranks_rng_and_refuses_another_world_size() -> None:
     from speechllama.train.distributed import DistContext, restore_rng
 
