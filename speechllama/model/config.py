@@ -110,7 +110,10 @@ class ModelConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
-    ctc: bool = False  # an auxiliary CTC head on the encoder (training only)
+    ctc: bool = False  # an auxiliary CTC head (training only)
+    # Where the CTC head reads: "encoder" frames, or the "adapter"'s audio embeddings. On a frozen
+    # encoder only "adapter" can help: CTC on frozen frames trains nothing but its own head.
+    ctc_on: str = "encoder"
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
@@ -172,6 +175,10 @@ class ModelConfig:
             raise ValueError("encoder d_model must divide by n_heads")
         if self.heads.loss_weights and len(self.heads.loss_weights) != self.heads.num_heads:
             raise ValueError("heads.loss_weights needs one weight per head")
+        if self.ctc_on not in ("encoder", "adapter"):
+            raise ValueError(
+                f"model config ctc_on must be 'encoder' or 'adapter', not {self.ctc_on!r}"
+            )
         ids = (self.bos_id, self.eos_id, self.pad_id)
         if any(not 0 <= i < d.vocab_size for i in ids):
             raise ValueError("bos/eos/pad ids must lie inside the vocabulary")
@@ -274,6 +281,7 @@ def preset(name: str, vocab_size: int) -> ModelConfig:
             adapter=AdapterConfig(kind="mlp", stack=4),
             decoder=_small_decoder(vocab_size),
             ctc=True,
+            ctc_on="adapter",  # the encoder is frozen: CTC must reach the adapter to help
         )
     if name == "conformer-small":
         return ModelConfig(

@@ -47,7 +47,8 @@ class SpeechLLaMA(nn.Module):
         self.decoder = LlamaDecoder(config.decoder)
         self.heads = build_heads(config, self.decoder.embed)
         # CTC blank is pad_id (0): the tokenizer reserves it, so it never is a transcript token.
-        self.ctc_head = nn.Linear(d_enc, config.decoder.vocab_size) if config.ctc else None
+        d_ctc = config.decoder.d_model if config.ctc_on == "adapter" else d_enc
+        self.ctc_head = nn.Linear(d_ctc, config.decoder.vocab_size) if config.ctc else None
         self.decoder_calls = 0  # incremented by prefill() and step(): strategies cannot forget
 
     # --- audio -> embeddings ----------------------------------------------------------------
@@ -63,7 +64,8 @@ class SpeechLLaMA(nn.Module):
         return self.adapter(hidden, lens)
 
     def ctc_logits(self, encoder_hidden: torch.Tensor) -> torch.Tensor:
-        """encoder_hidden (B, T', d_enc) -> CTC logits (B, T', V), blank = ``pad_id``."""
+        """encoder_hidden (B, T', d_enc) -> CTC logits (B, T', V), blank = ``pad_id``; with
+        ``config.ctc_on == "adapter"`` the input is the audio embeddings (B, S, d_dec) instead."""
         if self.ctc_head is None:
             raise ValueError("this model has no CTC head (config.ctc is false)")
         return self.ctc_head(encoder_hidden)

@@ -97,6 +97,8 @@ def compute_loss(
         else:
             emb, emb_lens, hidden, hidden_lens = embed(model, batch, spec_augment)
             logits = model(emb, emb_lens, batch.tokens, batch.label_lens)  # (B, U, K, V)
+            if ctc_weight > 0 and model.config.ctc_on == "adapter":
+                hidden, hidden_lens = emb, emb_lens
             ctc_logits = model.ctc_logits(hidden) if ctc_weight > 0 else None
     ce = multi_token_loss(logits, batch.labels, batch.label_lens, head_weights)
     total = ce.total
