@@ -284,6 +284,33 @@ def test_rescoring_replaces_the_heads_guesses():
     assert out[0][1].provisional == 0.0 and out[1][1] == b
 
 
+@pytest.mark.parametrize("rescore", [False, True])
+def test_rescored_hypotheses_end_by_head_one(rescore):
+    """Hypothesis "5" (-1.0), beam 1, length penalty 1: block "6 EOS" (heads 1, 2: -0.5,
+    -0.001) ranks first, "6 7" next, head 1's EOS (-1.0) last. Plain prefix-beam pools "6 EOS"
+    and never reaches the EOS; with rescoring a hypothesis ends by one head-1 token only, so
+    "6 EOS" is passed over and head 1's EOS enters the pool although "6 7" filled the beam."""
+    strat = get_strategy(DecodingOptions(strategy="prefix-beam", beam_size=1, num_heads=2,
+                                         prefix_rescore=rescore))  # fmt: skip
+    state = DecodingState(eos_id=EOS, pad_id=0, max_tokens=[10])
+    search = SearchState(heads=2)
+    search.rows = [(0, BeamHypothesis((5,), -1.0, (1,)))]
+    from speechllama.model.decoder import KVCache
+
+    search.cache = KVCache(1, 1, 1, 8, 2)
+    logp = torch.full((1, 2, VOCAB), -20.0)
+    logp[0, 0, 6], logp[0, 0, EOS] = -0.5, -1.0
+    logp[0, 1, EOS], logp[0, 1, 7] = -0.001, -0.01
+    strat._select(search, logp, [0], state)
+    assert [h.tokens for _, h in search.rows] == [(5, 6, 7)]
+    pool = {h.tokens: h for h in search.pools[0].values()}
+    if rescore:
+        assert list(pool) == [(5,)] and pool[(5,)].score == pytest.approx(-2.0)
+        assert pool[(5,)].blocks == (1, 1) and pool[(5,)].ended
+    else:
+        assert list(pool) == [(5, 6)] and pool[(5, 6)].score == pytest.approx(-1.501)
+
+
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "prefix-beam"])
 def test_loop_cache_is_left_alone_by_beam_strategies(fitted, strategy, monkeypatch):
     """The beam strategies decode from their own cache (``own_cache``): the loop never

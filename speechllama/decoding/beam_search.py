@@ -51,6 +51,15 @@ Fixed choices (the paper leaves them open):
   a longer hypothesis could still overtake, and this is the usual heuristic (fairseq's and
   Hugging Face's): the exact bound (at the length limit) would run nearly every utterance to
   its limit. With ``beam = 1`` and ``length_penalty = 0`` the search is greedy decoding.
+- **Head-1 rescoring** (``prefix_rescore``; ``prefix-beam`` only, a no-op for ``beam``): the
+  call that feeds a hypothesis' last block computes head 1 after each of its tokens, so before
+  that call's pruning tokens 2..j of the block get head 1's log-probs instead of heads 2..j's
+  (``rescored``; no extra call). Heads 2..j are overconfident on uncertain audio (on the tests'
+  tiny model, one perturbed utterance's best hypothesis: heads -2.75, head 1 -141.7). A block
+  may then end a hypothesis (EOS, or the length limit) only as one head-1 token, and every such
+  ending enters the pool, not only those above the ``beam``-th open candidate (whose score
+  still holds the heads' guess for its newest block). A finished hypothesis' score is then
+  head 1's teacher-forced log-prob, the sequence score MWER trains.
 
 Hypotheses advance by different numbers of tokens per call (``prefix-beam``), so a call feeds
 ragged blocks, padded to the longest (:func:`feed`). Each utterance's search is independent of
@@ -60,7 +69,6 @@ the others in its batch.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import heapq
 import math
 from collections.abc import Iterator
@@ -69,8 +77,8 @@ from itertools import repeat
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from speechllama.decoding._beam_blocks import BeamHypothesis, Candidates, expand, rescored
 from speechllama.decoding.base import DecoderModel, DecodingState, Strategy, feed
 from speechllama.decoding.options import DecodingOptions
 
@@ -85,105 +93,9 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class BeamHypothesis:
-    """tokens: transcript tokens (no BOS/EOS); score: total log-probability, unnormalised (the
-    sum of the log-probs of every scored token, EOS included when it ended the hypothesis);
-    blocks: the tokens each decoder call scored for it, EOS included (its derivation: block i
-    was scored by heads 1..len at the position before it); ended: by EOS (else by the length
-    limit, or still open); provisional: the part of ``score`` that heads 2..j gave the last
-    block's tokens 2..j, which head-1 rescoring replaces once the block is fed."""
-
-    tokens: tuple[int, ...]
-    score: float
-    blocks: tuple[int, ...] = ()
-    ended: bool = False
-    provisional: float = 0.0
-
-    @property
-    def scored(self) -> int:
-        return len(self.tokens) + int(self.ended)
-
-    @property
-    def pending(self) -> tuple[int, ...]:
-        """The last block's tokens: an open hypothesis has them outside the cache."""
-        return self.tokens[len(self.tokens) - self.blocks[-1] :] if self.blocks else ()
-
-    def appended(self) -> list[int]:
-        """Transcript tokens each call appended (the EOS that ended it is not a token)."""
-        out = list(self.blocks)
-        if out and self.ended:
-            out[-1] -= 1
-        return out
-
-
-def rescored(
-    rows: list[tuple[int, BeamHypothesis]], logits: torch.Tensor
-) -> list[tuple[int, BeamHypothesis]]:
-    """The hypotheses of ``rows`` with their last block rescored by head 1: logits (R, k, n, V)
-    of the call that fed row r its pending block (k >= its length j) hold head 1's
-    distribution after each fed token, so tokens 2..j of the block get head 1's log-probs in
-    place of the ``provisional`` ones heads 2..j gave them. No extra decoder call: the call
-    that extends a hypothesis verifies its last block, as ``verify`` does, and the score
-    becomes head 1's teacher-forced log-prob of the hypothesis' tokens."""
-    width = logits.shape[1]
-    if width < 2:
-        return rows
-    targets = torch.zeros(len(rows), width - 1, dtype=torch.long)
-    tails = [h.pending[1:] for _, h in rows]
-    for r, tail in enumerate(tails):
-        targets[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-    used = torch.arange(width - 1)[None] < torch.tensor([len(t) for t in tails])[:, None]
-    logp = logits[:, :-1, 0].float().log_softmax(dim=-1)  # (R, k - 1, V)
-    picked = logp.gather(2, targets.to(logp.device)[..., None])[..., 0].cpu()
-    sums = picked.masked_fill(~used, 0.0).double().sum(dim=1).tolist()
-    return [
-        (o, dataclasses.replace(h, score=h.score - h.provisional + s, provisional=0.0))
-        if len(h.pending) > 1
-        else (o, h)
-        for (o, h), s in zip(rows, sums, strict=True)
-    ]
-
-
 def normalised(score: float, scored: int, length_penalty: float) -> float:
     """``score / scored ** length_penalty`` (scored tokens, at least 1)."""
     return score / max(scored, 1) ** length_penalty
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """Every row's candidate blocks: scores (R, C) float (sum of the heads' log-probs, -inf for
-    none), tokens (R, C, n) long (padded with -1), lengths (C,) long: C = W + (n - 1) W^2."""
-
-    scores: torch.Tensor
-    tokens: torch.Tensor
-    lengths: torch.Tensor
-
-
-def expand(logp: torch.Tensor, width: int, eos_id: int) -> Candidates:
-    """logp (R, n, V) log-probs of heads 1..n at each row's last position -> the candidate
-    blocks of lengths 1..n from the top ``width`` tokens of each head (see the module doc)."""
-    R, n, V = logp.shape
-    w = min(width, V)
-    top = logp.topk(w, dim=-1)  # (R, n, w)
-    prefix_scores = logp.new_zeros(R, 1)
-    prefix_tokens = torch.zeros(R, 1, 0, dtype=torch.long, device=logp.device)
-    scores, tokens, lengths = [], [], []
-    for j in range(n):
-        P = prefix_scores.shape[1]
-        s = (prefix_scores[:, :, None] + top.values[:, None, j]).reshape(R, P * w)
-        new = top.indices[:, None, j, :, None].expand(R, P, w, 1)
-        t = torch.cat([prefix_tokens[:, :, None].expand(R, P, w, j), new], dim=3)
-        t = t.reshape(R, P * w, j + 1)
-        scores.append(s)
-        tokens.append(F.pad(t, (0, n - j - 1), value=-1))
-        lengths.append(torch.full((P * w,), j + 1, dtype=torch.long, device=logp.device))
-        if j + 1 < n:  # the best w prefixes that can grow: a block ends at its EOS
-            open_scores = s.masked_fill(t[..., -1] == eos_id, -math.inf)
-            best = open_scores.topk(min(w, P * w), dim=-1)
-            prefix_scores = best.values
-            prefix_tokens = t.gather(1, best.indices[..., None].expand(-1, -1, j + 1))
-    return Candidates(torch.cat(scores, 1), torch.cat(tokens, 1), torch.cat(lengths))
 
 
 @dataclass
@@ -213,6 +125,15 @@ class _Scored:
     provisional: list[list[float]]
     tokens: list[list[list[int]]]
     lengths: list[int]
+
+    def hypothesis(self, parent: BeamHypothesis, r: int, c: int, eos_id: int) -> BeamHypothesis:
+        """``parent`` (the hypothesis of row r) extended by candidate c; an EOS ends it."""
+        j = self.lengths[c]
+        block = self.tokens[r][c][:j]
+        ended = block[-1] == eos_id
+        toks = parent.tokens + tuple(block[: j - 1] if ended else block)
+        blocks = (*parent.blocks, j)
+        return BeamHypothesis(toks, self.total[r][c], blocks, ended, self.provisional[r][c])
 
     def best_first(self, rows: list[int]) -> Iterator[tuple[int, int]]:
         """(row, candidate) over ``rows``, best first (a merge of the rows' sorted lists),
@@ -300,10 +221,7 @@ class BeamSearchStrategy(Strategy):
         for origin, members in groups.items():
             b = where[origin]
             pool = search.pools.setdefault(origin, {})
-            limit = state.max_tokens[b]
-            opened = self._extend(search, scored, members, limit, pool, state.eos_id)
-            if self.rescore:
-                self._pool_endings(search, scored, members, limit, pool, state.eos_id)
+            opened = self._extend(search, scored, members, state.max_tokens[b], pool, state.eos_id)
             if self._stopped(pool, [h for _, h in opened]):
                 search.results[origin] = self._ranked(pool)
                 state.finished[b] = True
@@ -346,54 +264,46 @@ class BeamSearchStrategy(Strategy):
         opened: list[tuple[int, BeamHypothesis]] = []
         seen: set[tuple[tuple[int, ...], bool]] = set()
         for r, c in scored.best_first(members):
-            parent = search.rows[r][1]
-            j = scored.lengths[c]
-            block = scored.tokens[r][c][:j]
-            ended = block[-1] == eos_id
-            toks = parent.tokens + tuple(block[: j - 1] if ended else block)
+            hyp = scored.hypothesis(search.rows[r][1], r, c, eos_id)
+            toks, j = hyp.tokens, hyp.blocks[-1]
             if len(toks) > limit:
                 continue
-            done = ended or len(toks) == limit
+            done = hyp.ended or len(toks) == limit
             if done and j > 1 and self.rescore:
                 continue  # heads 2..j would score its end for good: it ends one token at a time
             if (toks, done) in seen:
                 continue
             seen.add((toks, done))
-            blocks = (*parent.blocks, j)
-            hyp = BeamHypothesis(toks, scored.total[r][c], blocks, ended, scored.provisional[r][c])
             if done:
                 self._pool_add(pool, hyp)
             elif not any(_nested(toks, h.tokens) for _, h in opened):
                 opened.append((r, hyp))
                 if len(opened) == self.beam:
                     break
+        if self.rescore:  # see _pool_endings
+            for r in members:
+                self._pool_endings(search.rows[r][1], scored, r, limit, pool, eos_id)
         return opened
 
     def _pool_endings(
         self,
-        search: SearchState,
+        parent: BeamHypothesis,
         scored: _Scored,
-        members: list[int],
+        r: int,
         limit: int,
         pool: dict[tuple[int, ...], BeamHypothesis],
         eos_id: int,
     ) -> None:
-        """With rescoring, offer the pool every one-token ending of the utterance's rows (head
-        1's EOS, or a token that reaches the limit), not only those that outrank the
-        ``beam``-th open candidate: their scores are exact while open candidates carry the
-        heads' guesses, which on uncertain audio outrank every ending, so that no hypothesis
-        could ever finish before the limit. Only one-token blocks can end (``_extend``)."""
-        for r in members:
-            parent = search.rows[r][1]
-            for c, j in enumerate(scored.lengths):
-                total = scored.total[r][c]
-                if j != 1 or not total > -math.inf:
-                    continue
-                token = scored.tokens[r][c][0]
-                ended = token == eos_id
-                toks = parent.tokens if ended else (*parent.tokens, token)
-                if ended or len(toks) == limit:
-                    self._pool_add(pool, BeamHypothesis(toks, total, (*parent.blocks, 1), ended))
+        """With rescoring, offer the pool every one-token ending of row r (head 1's EOS, or a
+        token that reaches the limit), not only those that outrank the ``beam``-th open
+        candidate: their scores are exact while open candidates carry the heads' guesses, which
+        on uncertain audio outrank every ending, so that no hypothesis could finish before the
+        limit. Only one-token blocks can end (``_extend``)."""
+        for c, j in enumerate(scored.lengths):
+            if j == 1 and scored.total[r][c] > -math.inf:
+                hyp = scored.hypothesis(parent, r, c, eos_id)
+                if hyp.ended or len(hyp.tokens) == limit:
+                    self._pool_add(pool, hyp)
 
     def _ranked(self, pool: dict[tuple[int, ...], BeamHypothesis]) -> list[BeamHypothesis]:
         return sorted(pool.values(), key=lambda h: -normalised(h.score, h.scored, self.alpha))

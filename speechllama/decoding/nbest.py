@@ -35,9 +35,10 @@ FRAMES_PER_SECOND = 100.0
 @dataclass(frozen=True)
 class Hypothesis:
     """One entry of an N-best list. tokens: transcript tokens without BOS/EOS; score: its total
-    log-probability, unnormalised (``beam``: the model's next-token log-prob of the tokens and
-    of the EOS that ended them; ``prefix-beam``: the sum of the heads' log-probs along the
-    blocks the search built it from)."""
+    log-probability, unnormalised (``beam``, and ``prefix-beam`` with ``prefix_rescore``: head
+    1's log-prob of the tokens and of the EOS that ended them, what MWER's
+    ``sequence_log_probs`` computes; plain ``prefix-beam``: the sum of the heads' log-probs
+    along the blocks the search built it from)."""
 
     tokens: tuple[int, ...]
     score: float

@@ -19,7 +19,9 @@ is ``beam``, call for call.
 A block's score uses heads 2..n as if they were the model's next-token distributions after the
 block's earlier tokens; they are not (they were trained to guess further ahead from one state),
 so a hypothesis' score is the multi-token model's own estimate, not the next-token model's
-log-probability of the same sequence.
+log-probability of the same sequence. With ``prefix_rescore`` the next call's head 1 replaces
+those guesses once the block is fed (no extra call), so finished hypotheses carry head 1's
+log-probability (see :mod:`speechllama.decoding.beam_search`).
 """
 
 from __future__ import annotations
