@@ -9,8 +9,9 @@ Long and silent audio: an input longer than ``MAX_SECONDS`` is cut at its pauses
 (``speechllama.segment``, read block by block) and its pieces are batched like any other input,
 each loaded on its own, so memory stays bounded whatever the length; the pieces' results are
 joined into one result per input (``extra["segments"]``). Audio with no frame above the
-silence floor (digital silence, faint hiss) gets an empty transcript without a decoder call, so a
-model is never asked to invent words for nothing.
+silence floor (digital silence, faint hiss), or shorter than a word can be (``min_speech``,
+0.1 s), gets an empty transcript without a decoder call, so a model is never asked to invent
+words for nothing (a 10 ms clip made a trained model say "eight").
 
 Timing: ``encoder_seconds`` covers feature extraction, the encoder and the adapter (a batch's
 share is split by audio duration); ``decoder_seconds`` covers the prefill and every decoder call
@@ -35,7 +36,7 @@ import torch
 from speechllama.audio import MAX_SECONDS
 from speechllama.decoding import DecodingOptions, DecodingResult, get_strategy
 from speechllama.decoding.base import Strategy, decode
-from speechllama.segment import Segment, segment_array, segment_file
+from speechllama.segment import Segment, SegmentOptions, is_silent, segment_array, segment_file
 
 if TYPE_CHECKING:
     from speechllama.model.speechllama import SpeechLLaMA
@@ -54,6 +55,8 @@ class Clip:
 
 AudioInput = str | os.PathLike | np.ndarray | Clip
 SAMPLE_RATE = 16_000
+MIN_SPEECH_SECONDS = SegmentOptions.min_speech
+"""Shorter audio holds no word (a click at most): an empty transcript, no decoder call."""
 # Checkpoints shipped inside the package (package-data "models/**/*"), by name; "default" is
 # what load_model(None) and the CLI without --model use. Only the trained parts are shipped.
 BUNDLED_MODELS = Path(str(importlib.resources.files("speechllama") / "models"))
@@ -180,7 +183,6 @@ class Transcriber:
     ) -> Iterator[tuple[_Item, DecodingResult]]:
         from speechllama.audio import AudioError
         from speechllama.features import feature_frames
-        from speechllama.segment import is_silent
 
         kind = self.config.encoder.features
         waves: list[np.ndarray] = []
@@ -192,8 +194,8 @@ class Transcriber:
                     name = item.name or "audio array"
                     secs = wave.shape[0] / SAMPLE_RATE
                     raise AudioError(name, f"too short ({secs * 1000:.0f} ms) for one frame")
-                if is_silent(wave, SAMPLE_RATE):
-                    yield item, _empty(item, wave.shape[0] / SAMPLE_RATE)
+                if wave.shape[0] < MIN_SPEECH_SECONDS * SAMPLE_RATE or is_silent(wave, SAMPLE_RATE):
+                    yield item, _empty(item, wave.shape[0] / SAMPLE_RATE)  # nothing to say
                     continue
             except AudioError as exc:
                 if raise_errors:

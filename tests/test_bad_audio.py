@@ -145,6 +145,9 @@ def test_silence_gives_an_empty_transcript_without_a_decoder_call(
         assert r.error is None and r.text == "" and r.tokens == () and r.decoder_calls == 0
         assert r.audio_seconds == pytest.approx(3.0)
     assert not is_silent(tone(0.5, level=0.01))  # -43 dBFS speech-like level is not silence
+    for seconds in (0.03, 0.099):  # a frame or more, but too short to hold a word
+        r = model.transcribe(tone(seconds))
+        assert r.error is None and r.text == "" and r.decoder_calls == 0
 
 
 # --- long recordings ----------------------------------------------------------------------
