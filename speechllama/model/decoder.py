@@ -12,11 +12,14 @@ cache width.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from speechllama.model.config import DecoderConfig
+from speechllama.model.packed import PackedLinears
 
 
 class KVCache:
@@ -77,10 +80,22 @@ class KVCache:
         self.lengths = torch.zeros_like(self.lengths)
 
     def reorder(self, batch_indices: torch.Tensor) -> None:
-        """Select or duplicate sequences (beam search): new row i is old ``batch_indices[i]``."""
+        """Select or duplicate sequences (beam search): new row i is old ``batch_indices[i]``.
+
+        Copies only the slots below the longest current length: the rest is scratch. New
+        tensors, never an in-place shuffle, so a shallow copy of this cache keeps its rows.
+        The scratch is zeros rather than uninitialised memory: a ragged batch attends over
+        (masked) slots of its shorter rows that nobody has written yet, and masked garbage that
+        happens to be NaN would still poison the softmax-weighted sum."""
         idx = batch_indices.to(device=self.k.device, dtype=torch.long)
-        self.k = self.k.index_select(1, idx)
-        self.v = self.v.index_select(1, idx)
+        width = int(self.lengths.max()) if self.lengths.numel() else 0
+        L, _, G, T, D = self.k.shape
+        k = self.k.new_zeros(L, idx.numel(), G, T, D)
+        v = self.v.new_zeros(L, idx.numel(), G, T, D)
+        if width:
+            k[:, :, :, :width] = self.k[:, :, :, :width].index_select(1, idx)
+            v[:, :, :, :width] = self.v[:, :, :, :width].index_select(1, idx)
+        self.k, self.v = k, v
         self.lengths = self.lengths.index_select(0, idx)
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -112,27 +127,69 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+_ROPE: dict[tuple[int, float, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rope_cache(
+    length: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos, sin (>= length, D) for positions 0.., built once per (D, theta, device) and
+    grown by doubling: the same float32 operations per position as computing them per call
+    (so bitwise the same values), without a dozen small ops in every decoder call."""
+    key = (head_dim, theta, device)
+    hit = _ROPE.get(key)
+    if hit is None or hit[0].shape[0] < length:
+        size = max(length, 2 * hit[0].shape[0] if hit is not None else 256)
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim)
+        )
+        freqs = torch.arange(size, device=device).float()[:, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        hit = _ROPE[key] = (emb.cos(), emb.sin())
+    return hit
+
+
 def rope_tables(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (B, T, D) for rope positions (B, T), in the "halves" layout of HF LLaMA.
 
-    Computed per call in float32 (a few thousand flops) rather than kept as a buffer, so that
+    Looked up in float32 tables kept outside the module (not buffers), so that
     ``model.to(bfloat16)`` cannot silently lower the frequencies' precision."""
-    inv_freq = 1.0 / (
-        theta
-        ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim)
-    )
-    freqs = positions[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    length = int(positions.max()) + 1 if positions.numel() else 0
+    cos, sin = _rope_cache(length, head_dim, theta, positions.device)
+    return cos[positions].to(dtype), sin[positions].to(dtype)
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, D); cos, sin (B, T, D)."""
+    """x (..., D); cos, sin broadcastable to x (the caller places the heads axis)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos + rotated * sin
+
+
+@dataclass(frozen=True)
+class CallMask:
+    """The attention mask of one cached call, prepared once for all layers.
+
+    ``width`` W: the attended cache prefix. ``bias`` (B, 1, r·T, W) additive float (0 visible,
+    -inf hidden) with each token's row repeated for the r = H / G query heads that share a
+    key/value head (grouped-query layout, see :meth:`Attention.forward`), or None when every
+    token sees all W slots (one new token, no ragged batch), which SDPA then skips."""
+
+    width: int
+    bias: torch.Tensor | None
+
+
+def call_mask(visible: torch.Tensor, group: int, dtype: torch.dtype) -> CallMask:
+    """visible (B, T, W) bool (from :func:`cached_attention_mask`) -> :class:`CallMask` for
+    query heads in groups of ``group`` per key/value head."""
+    B, T, W = visible.shape
+    if bool(visible.all()):
+        return CallMask(W, None)
+    bias = torch.zeros(B, 1, 1, T, W, dtype=dtype, device=visible.device)
+    bias.masked_fill_(~visible[:, None, None], float("-inf"))
+    return CallMask(W, bias.expand(B, 1, group, T, W).reshape(B, 1, group * T, W))
 
 
 class Attention(nn.Module):
@@ -144,6 +201,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.packed = PackedLinears()
 
     def forward(
         self,
@@ -152,31 +210,56 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         slots: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        mask: CallMask | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, d). Without a cache: causal self-attention over x. With one: write this
-        call's keys/values at ``slots`` (B, T), then attend over the first ``mask.shape[-1]``
-        cache slots under ``mask`` (B, T, W), True = visible."""
+        call's keys/values at ``slots`` (B, T), then attend over the first ``mask.width``
+        cache slots under ``mask`` (a :class:`CallMask`, or visible (B, T, W) bool)."""
+        if cache is not None:
+            assert slots is not None and mask is not None
+            return self._cached(x, rope, cache, layer, slots, mask)
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
+        cos, sin = rope[0][:, None], rope[1][:, None]
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        if cache is not None:
-            assert slots is not None and mask is not None
-            cache.write(layer, slots, k, v)
-            k, v = cache.read(layer, mask.shape[-1])
-            k, v = k.to(q.dtype), v.to(q.dtype)
         repeat = self.n_heads // self.n_kv_heads
         if repeat > 1:  # grouped-query attention: kv head g serves query heads g*r .. g*r+r-1
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         p = self.dropout if self.training else 0.0
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=p)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _cached(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        layer: int,
+        slots: torch.Tensor,
+        mask: CallMask | torch.Tensor,
+    ) -> torch.Tensor:
+        """One matmul for q|k|v; grouped-query attention without copying keys/values: query
+        head g·r + i (r = H / G) attends with key/value head g, so q (B, H, T, D) is laid out
+        as (B, G, r·T, D) and SDPA sees G heads of r·T query rows each."""
+        B, T, _ = x.shape
+        H, G, D = self.n_heads, self.n_kv_heads, self.head_dim
+        r = H // G
+        if not isinstance(mask, CallMask):
+            mask = call_mask(mask, r, x.dtype)
+        weights = (self.wq.weight, self.wk.weight, self.wv.weight)
+        qkv = self.packed.linear(x, "qkv", weights).view(B, T, H + 2 * G, D)
+        qk = _apply_rope(qkv[:, :, : H + G], rope[0][:, :, None], rope[1][:, :, None])
+        cache.write(layer, slots, qk[:, :, H:].transpose(1, 2), qkv[:, :, H + G :].transpose(1, 2))
+        k, v = cache.read(layer, mask.width)
+        q = qk[:, :, :H].transpose(1, 2).reshape(B, G, r * T, D)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.bias, dropout_p=p
+        )
+        out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        return self.packed.linear(out, "o", (self.wo.weight,))
 
 
 class FeedForward(nn.Module):
@@ -187,9 +270,16 @@ class FeedForward(nn.Module):
         self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.packed = PackedLinears()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+    def forward(self, x: torch.Tensor, cached: bool = False) -> torch.Tensor:
+        """``cached``: a decoder call, whose gate|up is one matmul on packed weights."""
+        if not cached:
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = self.packed.linear(x, "gate_up", (self.w_gate.weight, self.w_up.weight)).chunk(
+            2, dim=-1
+        )
+        return self.packed.linear(F.silu(gate) * up, "down", (self.w_down.weight,))
 
 
 class Block(nn.Module):
@@ -205,7 +295,7 @@ class Block(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], **cached
     ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), rope, **cached))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        return x + self.drop(self.mlp(self.mlp_norm(x), cached=bool(cached)))
 
 
 def cached_attention_mask(
@@ -227,11 +317,13 @@ def cached_attention_mask(
     if width is None:
         width = int(torch.maximum(lengths.max(), slots.max() + 1))
     keys = torch.arange(width, device=slots.device)
-    visible = (keys[None, None, :] < lengths[:, None, None]).expand(B, k, width)
+    visible = keys < lengths[:, None, None]  # (B, 1, W)
     if tree_mask is None:
         tree_mask = torch.ones(k, k, dtype=torch.bool, device=slots.device).tril()
     new = tree_mask.to(device=slots.device, dtype=torch.bool).expand(B, k, k)
-    return visible.clone().scatter_(2, slots[:, None, :].expand(B, k, k), new)
+    # token i sees key w if some new token j it may see was written at slot w
+    written = slots[:, :, None] == keys  # (B, k: j, W)
+    return visible | (new[..., None] & written[:, None]).any(2)
 
 
 class LlamaDecoder(nn.Module):
@@ -309,8 +401,11 @@ class LlamaDecoder(nn.Module):
                 f"writing slot {top_slot - 1} / position {top_pos - 1} exceeds the cache "
                 f"(max_len={cache.max_len}) or max_seq_len={self.cfg.max_seq_len}"
             )
-        mask = cached_attention_mask(cache.lengths, slots, tree_mask, max(top_len, top_slot))
-        rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        c = self.cfg
+        visible = cached_attention_mask(cache.lengths, slots, tree_mask, max(top_len, top_slot))
+        mask = call_mask(visible, c.n_heads // c.n_kv_heads, x.dtype)
+        cos, sin = _rope_cache(top_pos, c.head_dim, c.rope_theta, x.device)
+        rope = cos[positions].to(x.dtype), sin[positions].to(x.dtype)
         for i, block in enumerate(self.layers):
             x = block(x, rope, cache=cache, layer=i, slots=slots, mask=mask)
         return self.norm(x)
