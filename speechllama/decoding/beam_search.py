@@ -59,7 +59,10 @@ Fixed choices (the paper leaves them open):
   may then end a hypothesis (EOS, or the length limit) only as one head-1 token, and every such
   ending enters the pool, not only those above the ``beam``-th open candidate (whose score
   still holds the heads' guess for its newest block). A finished hypothesis' score is then
-  head 1's teacher-forced log-prob, the sequence score MWER trains.
+  head 1's teacher-forced log-prob, the sequence score MWER trains. Off by default: measured on
+  40 synth-heldout utterances at beam 4, it left WER as it was on one 4-head checkpoint (90.9%
+  -> 90.5%, 2 of 496 words) and raised it on a weaker one (97.6% -> 103.0%, longer outputs),
+  with 2-3% more decoder calls on both; on the tests' tiny model: token errors 46 -> 32.
 
 Hypotheses advance by different numbers of tokens per call (``prefix-beam``), so a call feeds
 ragged blocks, padded to the longest (:func:`feed`). Each utterance's search is independent of
