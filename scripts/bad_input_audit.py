@@ -187,21 +187,26 @@ def cell(text: str, limit: int = 150) -> str:
 
 def audio_rows(cases: list[tuple[str, Path, str]], model: Path, root: Path) -> list[str]:
     rows = [
-        "| input | expected | exit | what happened | s | peak RSS MiB |",
-        "|---|---|---|---|---|---|",
+        "| input | expected | exit | what happened | decoder calls, tokens | s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, path, expect in cases:
-        argv = cli("transcribe", str(path), "--model", str(model), "--threads", "1")
+        out = root / "one.jsonl"
+        out.unlink(missing_ok=True)
+        argv = cli("transcribe", str(path), "--model", str(model), "--threads", "1", "-o", str(out))
         r = run(no_root(argv) if "permission" in name else argv)
+        cost = "-"
         if r["rc"] == 0:
             line = r["out"].split("\n", 1)[0]
             text = line.split("\t", 1)[1].strip() if "\t" in line else ""
             what = f"transcript: {text!r}" if text else "empty transcript"
+            row = jsonl(out)[0]
+            cost = f"{row['decoder_calls']}, {row['tokens']}"
         else:
             what = first_line(r["err"])
         what = what.replace(str(root) + "/", "")
-        cost = f"{r['seconds']:.1f} | {r['rss']:.0f}"
-        rows.append(f"| {name} | {expect} | {r['rc']} | {cell(what)} | {cost} |")
+        spent = f"{r['seconds']:.1f} | {r['rss']:.0f}"
+        rows.append(f"| {name} | {expect} | {r['rc']} | {cell(what)} | {cost} | {spent} |")
     return rows
 
 

@@ -36,7 +36,7 @@ def read_rows(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], bool]
         return [], False
     end = data.rfind(b"\n") + 1
     rows = []
-    for line in data[:end].splitlines():
+    for line in data[:end].split(b"\n")[:-1]:
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
