@@ -18,7 +18,6 @@ rather than a random map that first destroys what U knows.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from speechllama.model.config import ModelConfig
@@ -33,14 +32,16 @@ class LatentHeads(OutputHeads):
         super().__init__(d.d_model, d.vocab_size, cfg.heads.num_heads, tie_target(cfg, embedding))
         self.maps = nn.Parameter(torch.eye(d.d_model).repeat(self.num_heads, 1))
 
-    def logits(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, n: int, decode: bool = False) -> torch.Tensor:
         """hidden (B, T, d) -> latents (B, T, n, d) -> logits (B, T, n, V); head 1 apart."""
-        d = hidden.shape[-1]
-        first = self.proj(F.linear(hidden, self.maps[:d])).unsqueeze(-2)
+        d, unembed = hidden.shape[-1], self.proj.weight
+        first = self.linear(self.linear(hidden, "map1", self.maps[:d], decode), "proj", unembed,
+                            decode).unsqueeze(-2)  # fmt: skip
         if n == 1:
             return first
-        latents = F.linear(hidden, self.maps[d : n * d]).view(*hidden.shape[:-1], n - 1, d)
-        return torch.cat([first, self.proj(latents)], dim=-2)
+        latents = self.linear(hidden, "maps", self.maps[d : n * d], decode)
+        latents = latents.view(*hidden.shape[:-1], n - 1, d)
+        return torch.cat([first, self.linear(latents, "proj", unembed, decode)], dim=-2)
 
 
 @register("latent")

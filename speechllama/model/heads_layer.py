@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from speechllama.model.config import ModelConfig
-from speechllama.model.decoder import Block, KVCache, cached_attention_mask, rope_tables
+from speechllama.model.decoder import (
+    Block,
+    KVCache,
+    cached_attention_mask,
+    call_mask,
+    rope_tables,
+)
 from speechllama.model.heads import OutputHeads, gather_positions, register, tie_target
 
 
@@ -46,6 +52,7 @@ class LayerHeads(OutputHeads):
         self.cache_layers = self.num_heads - 1
         self.first_layer = d.n_layers  # cache layer of head 2's block
         self.head_dim, self.rope_theta = d.head_dim, d.rope_theta
+        self.group = d.n_heads // d.n_kv_heads
 
     def forward(
         self,
@@ -64,7 +71,10 @@ class LayerHeads(OutputHeads):
         ``forward_cached`` for the same call, made *before* ``cache.lengths`` advances."""
         n = self.active(num_heads)
         # Head 1 un-embedded on its own: the same matmul whatever n, so bitwise n = 1's logits.
-        first = self.proj(hidden if select is None else gather_positions(hidden, select))
+        decode = cache is not None and hidden.shape[0] * hidden.shape[1] > 1  # see OutputHeads
+        unembed = self.proj.weight
+        at_select = hidden if select is None else gather_positions(hidden, select)
+        first = self.linear(at_select, "proj", unembed, decode)
         if n == 1:
             return first.unsqueeze(2)
         B, T, _ = hidden.shape
@@ -82,7 +92,8 @@ class LayerHeads(OutputHeads):
                 )
             at = slots if positions is None else positions
             rope = rope_tables(at, self.head_dim, self.rope_theta, hidden.dtype)
-            mask = cached_attention_mask(cache.lengths, slots, tree_mask)
+            visible = cached_attention_mask(cache.lengths, slots, tree_mask)
+            mask = call_mask(visible, self.group, hidden.dtype)  # once for all the blocks
             outputs = [
                 block(hidden, rope, cache=cache, layer=self.first_layer + j, slots=slots,
                       mask=mask)
@@ -91,7 +102,7 @@ class LayerHeads(OutputHeads):
         latents = torch.stack(outputs, dim=2)  # (B, T, n - 1, d)
         if select is not None:
             latents = gather_positions(latents, select)
-        return torch.cat([first.unsqueeze(2), self.proj(latents)], dim=2)
+        return torch.cat([first.unsqueeze(2), self.linear(latents, "proj", unembed, decode)], dim=2)
 
 
 @register("layer")

@@ -31,10 +31,12 @@ class MedusaHeads(OutputHeads):
         self.weight = nn.Parameter(torch.zeros(*shape, d.d_model))
         self.bias = nn.Parameter(torch.zeros(shape))
 
-    def logits(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, n: int, decode: bool = False) -> torch.Tensor:
         """hidden (B, T, d) -> latents (B, T, n, d) -> logits (B, T, n, V)."""
+        unembed = self.proj.weight
+        first = self.linear(hidden, "proj", unembed, decode).unsqueeze(-2)
         if n == 1:
-            return self.proj(hidden).unsqueeze(-2)
+            return first
         lead, d = hidden.shape[:-1], hidden.shape[-1]
         w, b = self.weight[:, : n - 1], self.bias[:, : n - 1]
         # Block 0 reads the same h for every head: one d -> (n-1)·d matmul.
@@ -43,7 +45,7 @@ class MedusaHeads(OutputHeads):
         for i in range(1, w.shape[0]):  # deeper blocks: one batched matmul over the heads
             z = z + F.silu(torch.einsum("...ki,koi->...ko", z, w[i]) + b[i])
         # Head 1 un-embedded on its own: the same matmul as n = 1, so bitwise n = 1's logits.
-        return torch.cat([self.proj(hidden).unsqueeze(-2), self.proj(z)], dim=-2)
+        return torch.cat([first, self.linear(z, "proj", unembed, decode)], dim=-2)
 
 
 @register("medusa")

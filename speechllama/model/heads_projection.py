@@ -10,7 +10,6 @@ paper prefers ``latent``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from speechllama.model.config import ModelConfig
@@ -31,13 +30,13 @@ class ProjectionHeads(OutputHeads):
         with torch.no_grad():
             self.extra.copy_(self.proj.weight.expand_as(self.extra))
 
-    def logits(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, n: int, decode: bool = False) -> torch.Tensor:
         """hidden (B, T, d) -> logits (B, T, n, V): head 1, then heads 2..n in one matmul."""
-        first = self.proj(hidden).unsqueeze(-2)
+        first = self.linear(hidden, "proj", self.proj.weight, decode).unsqueeze(-2)
         if n == 1:
             return first
         d, vocab = hidden.shape[-1], self.proj.out_features
-        rest = F.linear(hidden, self.extra[: n - 1].reshape(-1, d))
+        rest = self.linear(hidden, "extra", self.extra[: n - 1].reshape(-1, d), decode)
         return torch.cat([first, rest.view(*hidden.shape[:-1], n - 1, vocab)], dim=-2)
 
     def load_unembedding(self, weight: torch.Tensor) -> None:

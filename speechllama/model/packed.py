@@ -52,14 +52,15 @@ class PackedLinears:
             if len(weights) == 1:
                 return F.linear(x, w0)
             return torch.cat([F.linear(x, w) for w in weights], dim=-1)
-        key = tuple((w.data_ptr(), _version(w), w.dtype) for w in weights)
+        key = tuple((w.data_ptr(), _version(w), w.dtype, w.shape) for w in weights)
         hit = self._store.get(name)
         if hit is None or hit[0] != key:
             with torch.no_grad():
                 w = w0 if len(weights) == 1 else torch.cat(weights)
                 hit = (key, _REORDER(w.detach(), None))
             self._store[name] = hit
-        return _LINEAR(x, hit[1], None, "none", [], "")
+        out = _LINEAR(x.reshape(-1, x.shape[-1]), hit[1], None, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def clear(self) -> None:
         self._store.clear()
