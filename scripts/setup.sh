@@ -22,4 +22,4 @@ fi
 PYTHON="${PYTHON:-python3}"
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,synth]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,synth,peers,smollm]'
