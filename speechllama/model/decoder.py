@@ -174,7 +174,7 @@ class CallMask:
 
     ``width`` W: the attended cache prefix. ``bias`` (B, 1, r·T, W) additive float (0 visible,
     -inf hidden) with each token's row repeated for the r = H / G query heads that share a
-    key/value head (grouped-query layout, see :meth:`Attention.forward`), or None when every
+    key/value head (grouped-query layout, see :meth:`Attention._cached`), or None when every
     token sees all W slots (one new token, no ragged batch), which SDPA then skips."""
 
     width: int

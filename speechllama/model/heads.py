@@ -88,7 +88,10 @@ class OutputHeads(nn.Module):
         n = self.active(num_heads)
         if select is not None:
             hidden = gather_positions(hidden, select)
-        return self.logits(hidden, n, decode=cache is not None)
+        # Packed weights only when the call has several rows or is not fp32: with one fp32 row
+        # (greedy at batch 1) MKL is as fast, the n - 1 latents' un-embedding included.
+        several = hidden.shape[0] * hidden.shape[1] > 1 or hidden.dtype != torch.float32
+        return self.logits(hidden, n, decode=cache is not None and several)
 
     def logits(self, hidden: torch.Tensor, n: int, decode: bool = False) -> torch.Tensor:
         """hidden (B, T, d) -> logits (B, T, n, V) of the first n heads, position by position.

@@ -71,7 +71,8 @@ class LayerHeads(OutputHeads):
         ``forward_cached`` for the same call, made *before* ``cache.lengths`` advances."""
         n = self.active(num_heads)
         # Head 1 un-embedded on its own: the same matmul whatever n, so bitwise n = 1's logits.
-        decode = cache is not None
+        several = hidden.shape[0] * hidden.shape[1] > 1 or hidden.dtype != torch.float32
+        decode = cache is not None and several  # see OutputHeads.forward
         unembed = self.proj.weight
         at_select = hidden if select is None else gather_positions(hidden, select)
         first = self.linear(at_select, "proj", unembed, decode)

@@ -6,13 +6,9 @@ row but took ~1.4x as long for two to four rows (the 42 matmuls of the ``small``
 thread, loaded 2-core AMD EPYC: 3.8 ms for one row, 5.3 ms for four), which is what made a
 k-token call cost far more than a 1-token call. With each weight reordered once into oneDNN's
 blocked layout (q|k|v and gate|up concatenated, so 4 matmuls a layer instead of 7), four rows
-cost 3.0 ms; one row costs what MKL's does on 1 thread (in the decoder a 1-token call measured
-5.35 against 5.67 ms, minima), less on 2 threads (the 42 matmuls: MKL 3.7 ms on 1 or 2, packed
-3.8 -> 2.7),
-and bf16 weights (which ATen multiplies no faster than fp32) halve the bytes. The reorder is
-done with no batch-size hint, so one packed copy serves every row count, and its rows do not
-depend on how many rows there are (checked bit for bit for 1..256 rows, fp32 and bf16, 1 and 2
-threads): the linear layers of a k-token call give each row what a 1-token call gives it.
+cost 3.0 ms. The reorder is done with no batch-size hint, so one packed copy serves every row
+count, and its rows do not depend on how many rows there are (checked bit for bit for 1..256
+rows, fp32 and bf16, 1 and 2 threads). A single row keeps MKL (see :meth:`linear`).
 
 The packed copies live beside the parameters (they double the decoder's weight memory) and are
 rebuilt whenever a weight changes (its storage or its version counter: an optimizer step,
@@ -49,7 +45,12 @@ class PackedLinears:
 
     def linear(self, x: torch.Tensor, name: str, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         w0 = weights[0]
-        if not usable(x, w0):  # one matmul per matrix, bitwise the modules' own
+        # One fp32 row (a 1-token call at batch 1) keeps MKL's gemv: the packed kernel was
+        # 0.6 ms slower per 1-token call of ``small`` (1 thread, one model per process: 6.2-6.5
+        # against 5.6-5.7 ms in three runs). bf16 packs at every row count: 4.3 ms against 5.7
+        # per 1-token call, where ATen's bf16 gemv is no faster than fp32.
+        single = x.numel() == x.shape[-1] and x.dtype == torch.float32
+        if single or not usable(x, w0):  # one matmul per matrix, bitwise the modules' own
             if len(weights) == 1:
                 return F.linear(x, w0)
             return torch.cat([F.linear(x, w) for w in weights], dim=-1)
