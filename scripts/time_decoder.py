@@ -39,15 +39,24 @@ from speechllama.model.config import preset
 from speechllama.model.speechllama import SpeechLLaMA
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int, warm: bool = True
+) -> dict[str, list[float]]:
     """Milliseconds of each function over ``rounds`` rounds, the functions run back to back in
     every round, so that load from other processes on a shared machine hits all of them alike
-    (and a ratio taken within one round cancels most of it). One warm-up round first."""
+    (and a ratio taken within one round cancels most of it). One warm-up round first.
+
+    ``warm``: each timed run follows an untimed run of the same function, as a decoding loop
+    makes calls of one size back to back; otherwise a k-token call would be timed right after
+    a call of another size, which may have read another copy of the weights
+    (:mod:`speechllama.model.packed`) out of the caches."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if warm:
+                fn()
             t0 = time.perf_counter()
             fn()
             times[name].append(1000 * (time.perf_counter() - t0))
@@ -142,6 +151,7 @@ def time_preset(name: str, args: argparse.Namespace) -> None:
         {**{f"k{k}": call(k) for k in ks}, "encoder": encode, "greedy": greedy,
          "prefill": lambda: model.prefill(audio, audio_lens, scratch)},
         args.repeats,
+        warm=not args.cold,
     )  # fmt: skip
     result = out[0]
     params = sum(p.numel() for p in model.decoder.parameters())
@@ -177,6 +187,8 @@ def main() -> None:
                    help="new tokens per timed decoder call")  # fmt: skip
     p.add_argument("--num-heads", type=int, default=None,
                    help="heads computed per call (default: all)")  # fmt: skip
+    p.add_argument("--cold", action="store_true",
+                   help="time each call right after the others, not its own kind")  # fmt: skip
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table")
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
