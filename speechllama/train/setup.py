@@ -99,6 +99,22 @@ def wave_augmenter(spec: dict[str, Any] | None, seed: int) -> Augmenter | None:
     return Augmenter(AugmentConfig.from_dict(spec), seed)  # called as (wave, rng) -> wave
 
 
+def encoder_cache_parts(cfg: TrainConfig, mcfg: ModelConfig) -> dict[str, Any]:
+    """What the encoder cache's fingerprint hashes besides the encoder's weights.
+
+    The augmentation config and the seed only shape copies 1..K-1; with one copy (clean) they are
+    pinned to the values old caches were made with (None, 0), so that fine-tuning with another
+    ``--seed`` reuses the cache instead of re-encoding every utterance (it cost 10 min per 22 h)."""
+    augmented = cfg.cache_copies > 1
+    return {
+        "features": mcfg.encoder.features,
+        "n_mels": mcfg.encoder.n_mels,
+        "encoder": mcfg.encoder.__dict__,
+        "augment": cfg.augment if augmented else None,
+        "seed": cfg.seed if augmented else 0,
+    }
+
+
 def prepare_data(
     cfg: TrainConfig,
     model: torch.nn.Module,
@@ -125,13 +141,7 @@ def prepare_data(
     cache_stats = None
     frozen = not any(p.requires_grad for p in model.encoder.parameters())
     if frozen and cfg.cache:
-        parts = {
-            "features": kind,
-            "n_mels": n_mels,
-            "encoder": mcfg.encoder.__dict__,
-            "augment": cfg.augment,
-            "seed": cfg.seed,
-        }
+        parts = encoder_cache_parts(cfg, mcfg)
         root = Path(cfg.cache_dir) if cfg.cache_dir else out / "encoder_cache"
         encoder_fp = fingerprint(model.encoder, parts)
         cache = EncoderCache(root, encoder_fp, copies=cfg.cache_copies)
