@@ -231,7 +231,9 @@ class Trainer:
         last_dev: dict[str, Any] | None = None
         last_saved = self.step if self.resumed_from else -1
         try:
-            for batch in self._micro_batches():
+            # A resumed run that already reached its last step has nothing left to train.
+            pending = self._micro_batches() if self.step < self.total_steps else iter(())
+            for batch in pending:
                 if not self._train_micro_batch(batch):
                     continue  # gradients still accumulating
                 rate = self.audio_seconds / max(self.train_seconds, 1e-9)  # audio h per h
