@@ -63,12 +63,12 @@ class SpeechLLaMA(nn.Module):
         hidden, lens = self.encoder(features, feature_lens)
         return self.adapter(hidden, lens)
 
-    def ctc_logits(self, encoder_hidden: torch.Tensor) -> torch.Tensor:
-        """encoder_hidden (B, T', d_enc) -> CTC logits (B, T', V), blank = ``pad_id``; with
-        ``config.ctc_on == "adapter"`` the input is the audio embeddings (B, S, d_dec) instead."""
+    def ctc_logits(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames -> CTC logits (B, T, V), blank = ``pad_id``. ``frames`` are what
+        ``config.ctc_on`` names: encoder frames (B, T', d_enc) or audio embeddings (B, S, d_dec)."""
         if self.ctc_head is None:
             raise ValueError("this model has no CTC head (config.ctc is false)")
-        return self.ctc_head(encoder_hidden)
+        return self.ctc_head(frames)
 
     # --- teacher forcing ----------------------------------------------------------------------
 

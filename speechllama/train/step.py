@@ -97,14 +97,15 @@ def compute_loss(
         else:
             emb, emb_lens, hidden, hidden_lens = embed(model, batch, spec_augment)
             logits = model(emb, emb_lens, batch.tokens, batch.label_lens)  # (B, U, K, V)
-            if ctc_weight > 0 and model.config.ctc_on == "adapter":
-                hidden, hidden_lens = emb, emb_lens
-            ctc_logits = model.ctc_logits(hidden) if ctc_weight > 0 else None
+            if ctc_weight > 0:
+                on_adapter = model.config.ctc_on == "adapter"
+                ctc_in, ctc_lens = (emb, emb_lens) if on_adapter else (hidden, hidden_lens)
+                ctc_logits = model.ctc_logits(ctc_in)
     ce = multi_token_loss(logits, batch.labels, batch.label_lens, head_weights)
     total = ce.total
     ctc_value = 0.0
     if ctc_logits is not None:
-        ctc = ctc_loss(ctc_logits, hidden_lens, batch.ctc_targets, batch.ctc_lens, blank=0)
+        ctc = ctc_loss(ctc_logits, ctc_lens, batch.ctc_targets, batch.ctc_lens, blank=0)
         total = (1.0 - ctc_weight) * total + ctc_weight * ctc
         ctc_value = float(ctc.detach())
     correct: tuple[int, ...] = ()
