@@ -69,6 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--head-loss-weights", type=float, nargs="+", metavar="W", help="one weight per head"
     )
     model.add_argument(
+        "--model-set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="change one key of the preset's model config (JSON value), repeatable: "
+        "adapter.norm=rms, decoder.dropout=0.2, adapter.hidden=768",
+    )
+    model.add_argument(
         "--freeze",
         nargs="+",
         default=[],
@@ -203,15 +210,20 @@ def parse_augment(items: list[str] | None) -> dict[str, Any] | None:
     """``None`` (flag absent) -> None; ``[]`` -> {} (defaults); KEY=VALUE with JSON values."""
     if items is None:
         return None
+    return {k.replace("-", "_"): v for k, v in parse_key_values(items, "--augment").items()}
+
+
+def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """KEY=VALUE strings -> {KEY: JSON value, or the raw string when it is not JSON}."""
     spec: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--augment expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
         try:
-            spec[key.replace("-", "_")] = json.loads(raw)
+            spec[key] = json.loads(raw)
         except json.JSONDecodeError:
-            spec[key.replace("-", "_")] = raw
+            spec[key] = raw
     return spec
 
 
@@ -233,6 +245,7 @@ def _run(args: argparse.Namespace) -> int:
         num_heads=args.heads,
         head_kind=args.head_kind,
         head_loss_weights=tuple(args.head_loss_weights) if args.head_loss_weights else None,
+        model_overrides=parse_key_values(args.model_set or [], "--model-set"),
         freeze=tuple(args.freeze),
         train_head_one=args.train_head_one,
         hidden_cache=args.hidden_cache,

@@ -33,6 +33,14 @@ class Adapter(nn.Module):
             )
         else:
             raise ValueError(f"unknown adapter kind {cfg.kind!r}; choose linear or mlp")
+        self.norm = nn.RMSNorm(d_out, eps=1e-6) if cfg.norm == "rms" else None
+
+    @torch.no_grad()
+    def match_scale(self, embed: torch.Tensor) -> None:
+        """Start the output norm's gain at ``embed``'s RMS (the (V, d) token embeddings), so
+        audio and text positions enter the decoder at the same scale."""
+        if self.norm is not None:
+            self.norm.weight.fill_(embed.float().pow(2).mean().sqrt().item())
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, d_in), lens (B,) valid frames -> (B, S, d_out), lens (B,) = ceil(lens / stack).
@@ -47,4 +55,7 @@ class Adapter(nn.Module):
         if pad:
             x = torch.cat([x, x.new_zeros(B, pad, d)], dim=1)
         x = x.reshape(B, (T + pad) // self.stack, self.stack * d)
-        return self.proj(x), torch.div(lens + self.stack - 1, self.stack, rounding_mode="floor")
+        out = self.proj(x)
+        if self.norm is not None:
+            out = self.norm(out)
+        return out, torch.div(lens + self.stack - 1, self.stack, rounding_mode="floor")

@@ -59,6 +59,11 @@ class AdapterConfig:
     kind: AdapterKind = "linear"
     stack: int = 4
     hidden: int = 0  # hidden width of the "mlp" kind; 0 means the decoder width
+    # "rms": an RMSNorm on the audio embeddings whose gain starts at the text embeddings' RMS.
+    # Without it the projection's outputs come out ~600x larger than a fresh decoder's token
+    # embeddings, so a pre-norm decoder's residual stream at audio positions barely changes
+    # from layer to layer.
+    norm: str = "none"
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,9 @@ class ModelConfig:
             raise ValueError("encoder d_model must divide by n_heads")
         if self.heads.loss_weights and len(self.heads.loss_weights) != self.heads.num_heads:
             raise ValueError("heads.loss_weights needs one weight per head")
+        if self.adapter.norm not in ("none", "rms"):
+            norm = self.adapter.norm
+            raise ValueError(f"model config adapter.norm must be 'none' or 'rms', not {norm!r}")
         if self.ctc_on not in ("encoder", "adapter"):
             raise ValueError(
                 f"model config ctc_on must be 'encoder' or 'adapter', not {self.ctc_on!r}"
@@ -185,6 +193,22 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ModelConfig:
+        """Set dotted keys (``{"adapter.norm": "rms", "decoder.dropout": 0.2}``) and validate,
+        so an experiment can change one setting of a preset without a new preset."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            *parents, leaf = key.split(".")
+            node = data
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ValueError(f"model override {key!r}: no such config section {part!r}")
+                node = node[part]
+            if leaf not in node:
+                raise ValueError(f"model override {key!r}: no such config key")
+            node[leaf] = value
+        return ModelConfig.from_dict(data)
 
 
 def _build(kind: type, value: Any, name: str) -> Any:

@@ -45,6 +45,7 @@ class SpeechLLaMA(nn.Module):
         self.encoder = encoder
         self.adapter = Adapter(config.adapter, d_enc, config.decoder.d_model)
         self.decoder = LlamaDecoder(config.decoder)
+        self.adapter.match_scale(self.decoder.embed.weight)
         self.heads = build_heads(config, self.decoder.embed)
         # CTC blank is pad_id (0): the tokenizer reserves it, so it never is a transcript token.
         d_ctc = config.decoder.d_model if config.ctc_on == "adapter" else d_enc

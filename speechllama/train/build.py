@@ -45,18 +45,23 @@ def build_model(
     *,
     ctc: bool,
     heads: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, Tokenizer]:
     """A SpeechLLaMA to train and its tokenizer.
 
     ``preset_name``: a fresh model sized to ``tokenizer``; a sourced encoder gets its pretrained
     weights. ``init``: the checkpoint's model and tokenizer (fine-tuning). ``ctc`` adds the
-    CTC head to a preset. ``heads`` overrides ``HeadsConfig`` fields: of a preset, or of an
+    CTC head to a preset. ``overrides`` sets dotted preset keys (``{"adapter.norm": "rms"}``,
+    see ``ModelConfig.with_overrides``); a checkpoint's architecture is fixed. ``heads`` overrides
+    ``HeadsConfig`` fields: of a preset, or of an
     ``init`` next-token model, whose output layer then seeds the new heads (``expand_heads``:
     head 1 starts equal to the old model, as the paper's "heads from a trained model")."""
     from speechllama.model.config import HeadsConfig
     from speechllama.model.speechllama import SpeechLLaMA
 
     if init is not None:
+        if overrides:
+            raise ValueError("--model-set changes a preset; a --init checkpoint keeps its config")
         model, tok, _ = load_checkpoint(init)
         if tokenizer is not None and tokenizer.model_proto != tok.model_proto:
             raise ValueError(f"{init}: --tokenizer differs from the checkpoint's tokenizer")
@@ -74,6 +79,8 @@ def build_model(
         cfg = cfg.replace(ctc=True)
     if heads:
         cfg = cfg.replace(heads=HeadsConfig(**{**cfg.heads.__dict__, **heads}))
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
     cfg.validate()
     model = SpeechLLaMA(cfg)
     if cfg.encoder.source is not None:

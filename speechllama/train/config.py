@@ -55,6 +55,7 @@ class TrainConfig:
     num_heads: int | None = None
     head_kind: str | None = None
     head_loss_weights: tuple[float, ...] | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     freeze: tuple[str, ...] = ()
     train_head_one: bool | None = None
     hidden_cache: bool = True

@@ -204,7 +204,14 @@ class Trainer:
             "loss_weights": cfg.head_loss_weights,
         }
         heads = {k: v for k, v in heads.items() if v is not None}
-        return build_model(cfg.preset, cfg.init, tok, ctc=bool(cfg.ctc_weight), heads=heads)
+        return build_model(
+            cfg.preset,
+            cfg.init,
+            tok,
+            ctc=bool(cfg.ctc_weight),
+            heads=heads,
+            overrides=cfg.model_overrides,
+        )
 
     # --- the loop -------------------------------------------------------------------------------
 

@@ -1,0 +1,52 @@
+"""The adapter output norm and dotted model-config overrides (``train --model-set``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechllama.cli.train import parse_key_values
+from speechllama.model.config import ModelConfig, preset
+from speechllama.model.speechllama import SpeechLLaMA
+
+
+def _tiny(**overrides: object) -> ModelConfig:
+    return preset("tiny", 64).with_overrides(dict(overrides))
+
+
+def test_overrides_set_nested_keys_and_validate() -> None:
+    cfg = _tiny(**{"adapter.norm": "rms", "decoder.dropout": 0.2, "adapter.hidden": 32})
+    assert (cfg.adapter.norm, cfg.decoder.dropout, cfg.adapter.hidden) == ("rms", 0.2, 32)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # survives config.json
+    with pytest.raises(ValueError, match="no such config key"):
+        _tiny(**{"adapter.nrom": "rms"})
+    with pytest.raises(ValueError, match="no such config section"):
+        _tiny(**{"adaptor.norm": "rms"})
+    with pytest.raises(ValueError, match="adapter.norm"):
+        _tiny(**{"adapter.norm": "layer"})
+
+
+def test_old_configs_without_norm_load_unchanged() -> None:
+    data = preset("tiny", 64).to_dict()
+    del data["adapter"]["norm"]
+    assert ModelConfig.from_dict(data).adapter.norm == "none"
+
+
+def test_rms_norm_puts_audio_at_the_text_embedding_scale() -> None:
+    torch.manual_seed(0)
+    model = SpeechLLaMA(_tiny(**{"adapter.norm": "rms"})).eval()
+    frames = 50.0 * torch.randn(2, 12, model.encoder.output_dim)  # large, like trained outputs
+    audio, lens = model.adapter(frames, torch.tensor([12, 7]))
+    text_rms = model.decoder.embed.weight.pow(2).mean().sqrt()
+    audio_rms = audio[0].pow(2).mean().sqrt()
+    assert lens.tolist() == [6, 4]
+    torch.testing.assert_close(audio_rms, text_rms, rtol=0.05, atol=0.0)
+    plain = SpeechLLaMA(_tiny()).eval()
+    assert plain.adapter.norm is None
+
+
+def test_model_set_values_parse_as_json() -> None:
+    got = parse_key_values(["adapter.norm=rms", "decoder.dropout=0.2", "adapter.hidden=768"], "x")
+    assert got == {"adapter.norm": "rms", "decoder.dropout": 0.2, "adapter.hidden": 768}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_key_values(["adapter.norm"], "--model-set")
