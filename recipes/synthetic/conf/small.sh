@@ -17,27 +17,27 @@
 : "${THREADS:=2}"                # torch CPU threads (a GPU, when present, is used by itself)
 : "${DEVICE:=auto}"              # evaluate/bench/peers: auto (GPU if nvidia-smi sees one) | cpu | cuda
 : "${MAX_DURATION:=120}"         # audio seconds per micro-batch
-: "${EVAL_EVERY:=500}"           # steps between dev evaluations (loss + greedy WER)
+: "${EVAL_EVERY:=400}"           # steps between dev evaluations (loss + greedy WER)
 : "${EVAL_UTTERANCES:=150}"      # dev utterances decoded for the WER that picks best/
-: "${SAVE_EVERY:=250}"           # steps between resumable checkpoints
+: "${SAVE_EVERY:=200}"           # steps between resumable checkpoints
 : "${LOG_EVERY:=50}"
 : "${SEED:=0}"
 
 # --- stage 3: next-token pre-training (from scratch, encoder outputs cached) ----------------
-: "${NT_STEPS:=3000}"
+: "${NT_STEPS:=2400}"   # ~45 min on 2 cores (1.1 s/step, 90 audio-h/h)
 : "${NT_WARMUP:=300}"
 : "${NT_LR:=2e-3}"
 
 # --- stage 4: multi-token training (fine-tune stage 3's best with K heads) ------------------
 : "${HEADS:=4}"
 : "${HEAD_KIND:=latent}"
-: "${MTP_STEPS:=1500}"
+: "${MTP_STEPS:=600}"   # the whole model trains with the heads (~13 min)
 : "${MTP_WARMUP:=50}"
 : "${MTP_LR:=1e-3}"
 
 # --- stage 5: MWER fine-tuning of stage 4's best ----------------------------------------------
-: "${MWER_STEPS:=500}"
-: "${MWER_WARMUP:=50}"
+: "${MWER_STEPS:=60}"   # ~8 s/step: N-best decoding dominates
+: "${MWER_WARMUP:=10}"
 : "${MWER_LR:=1e-4}"
 : "${MWER_NBEST:=4}"
 
