@@ -156,7 +156,7 @@ fi
 if want 4 "multi-token training, $HEADS $HEAD_KIND heads, $MTP_STEPS steps -> $exp/mtp"; then
   run "$speechllama" train --train "$train_manifest" "${common[@]}" --init "$exp/nt/best" \
     --heads "$HEADS" --head-kind "$HEAD_KIND" --max-steps "$MTP_STEPS" --warmup "$MTP_WARMUP" \
-    --lr "$MTP_LR" --out "$exp/mtp"
+    --lr "$MTP_LR" ${MTP_FREEZE:+--freeze $MTP_FREEZE} --out "$exp/mtp"
   finish 4
 fi
 
