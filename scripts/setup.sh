@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PACKAGES=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox)
+DEB_PACKAGES=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox
+  chromium chromium-driver)  # the last two: tests/test_serve_browser.py (headless)
 if [[ "${SKIP_APT:-0}" != 1 ]]; then
   missing=()
   for p in "${DEB_PACKAGES[@]}"; do
@@ -22,4 +23,4 @@ fi
 PYTHON="${PYTHON:-python3}"
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,synth,peers,smollm]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,synth,peers,smollm,serve]'

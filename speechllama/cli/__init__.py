@@ -17,7 +17,17 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Sub-command modules, in the order `speechllama --help` lists them.
-_COMMANDS = ("transcribe", "evaluate", "bench", "train", "export", "info", "tokenizer", "data")
+_COMMANDS = (
+    "transcribe",
+    "evaluate",
+    "bench",
+    "train",
+    "export",
+    "info",
+    "tokenizer",
+    "data",
+    "serve",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

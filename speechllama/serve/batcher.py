@@ -1,0 +1,282 @@
+"""Dynamic batching across HTTP requests: concurrent requests share one batched decoder call.
+
+A multi-token decoder call costs little more for 8 rows than for 1 on a CPU (the weights are
+read once per call, not once per row), so requests that arrive close together are decoded as
+one batch instead of one after another. One worker thread owns the model: the event loop only
+queues requests and awaits their futures, so torch never blocks it.
+
+How a batch forms: the worker waits for a first request, then keeps collecting until
+``max_wait`` seconds have passed since that request arrived or ``max_batch`` requests are in
+hand, whichever comes first; so batching adds at most ``max_wait`` to a request's latency. A
+request that arrives while a batch is decoding waits in the queue and joins the next batch
+(under load, batches fill without any waiting). ``max_batch = 1`` turns batching off.
+
+Within a batch, finished rows leave the decoder's batch as they end (the decoding loop's
+compaction, ``decoding.base.compact_finished``), so a short request stops costing decoder
+width; its response is sent when the batch's ``transcribe_iter`` call returns.
+
+Failure isolation: a bad input becomes an errored ``DecodingResult`` for that request alone
+(``transcribe_iter`` with ``raise_errors=False``); if a whole batch raises, each of its
+requests is decoded again on its own, so one poison request cannot fail the others.
+
+Bounded queue: at most ``max_queue`` requests wait; ``submit`` raises :class:`Overloaded`
+(with a retry estimate) beyond that, and :class:`ShuttingDown` once ``close`` has begun.
+``close`` lets every queued and in-flight request finish before the worker exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from speechllama.decoding.options import DecodingOptions, DecodingResult
+    from speechllama.transcribe import Transcriber
+
+__all__ = ["BatchInfo", "Batcher", "Overloaded", "ShuttingDown"]
+
+log = logging.getLogger("speechllama.serve")
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; ``retry_after`` (whole seconds) estimates when a slot frees."""
+
+    def __init__(self, queued: int, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"server overloaded: {queued} requests already queued")
+
+
+class ShuttingDown(RuntimeError):
+    """The server is finishing the requests it has and takes no new ones."""
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """The batch a request was decoded in.
+
+    ``decoder_calls`` counts the batched decoder calls the batch made (prefill included): the
+    cost the whole batch shared, whereas ``DecodingResult.decoder_calls`` counts the calls one
+    request took part in. ``queue_seconds`` is the request's wait before its batch started."""
+
+    batch_id: int
+    size: int
+    decoder_calls: int
+    queue_seconds: float
+    batch_seconds: float
+
+
+@dataclass
+class _Request:
+    wave: np.ndarray
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    batches: int = 0
+    decoder_calls: int = 0
+    rejected: int = 0
+    failed: int = 0
+    busy_seconds: float = 0.0
+    largest_batch: int = 0
+
+
+_STOP = object()
+
+
+class Batcher:
+    """Queue requests from any event loop; decode them in batches on one worker thread."""
+
+    def __init__(
+        self,
+        transcriber: Transcriber,
+        options: DecodingOptions,
+        max_batch: int = 8,
+        max_wait: float = 0.01,
+        max_queue: int = 64,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_wait < 0:
+            raise ValueError(f"max_wait must not be negative, got {max_wait}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        self.transcriber = transcriber
+        self.options = options
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.max_queue = max_queue
+        self.counters = _Counters()
+        self._queue: queue.Queue = queue.Queue()
+        self._waiting = 0  # requests queued, not yet taken into a batch
+        self._lock = threading.Lock()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="speechllama-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    async def submit(self, wave: np.ndarray) -> tuple[DecodingResult, BatchInfo]:
+        """Decode one 16 kHz mono waveform (float32, (samples,)) in the next batch."""
+        loop = asyncio.get_running_loop()
+        request = _Request(wave=wave, future=loop.create_future(), loop=loop)
+        with self._lock:
+            if self._closing:
+                raise ShuttingDown("server is shutting down")
+            if self._waiting >= self.max_queue:
+                self.counters.rejected += 1
+                raise Overloaded(self._waiting, self._retry_after())
+            self._waiting += 1
+        self._queue.put(request)
+        return await request.future
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has room, from the mean batch time so far (at least 1)."""
+        c = self.counters
+        per_batch = c.busy_seconds / c.batches if c.batches else 1.0
+        return max(1, math.ceil(per_batch * self._waiting / self.max_batch))
+
+    async def close(self) -> None:
+        """Refuse new requests, finish the queued and in-flight ones, stop the worker."""
+        with self._lock:
+            self._closing = True
+        self._queue.put(_STOP)
+        if self._thread.is_alive():
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def stats(self) -> dict[str, float | int]:
+        c = self.counters
+        return {
+            "requests": c.requests,
+            "batches": c.batches,
+            "decoder_calls": c.decoder_calls,
+            "failed": c.failed,
+            "rejected": c.rejected,
+            "queued": self._waiting,
+            "largest_batch": c.largest_batch,
+            "mean_batch_size": c.requests / c.batches if c.batches else 0.0,
+            "busy_seconds": round(c.busy_seconds, 4),
+        }
+
+    # -- worker thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            deadline = first.arrived + self.max_wait
+            while len(batch) < self.max_batch:
+                timeout = deadline - time.perf_counter()
+                try:
+                    item = (
+                        self._queue.get(timeout=timeout)
+                        if timeout > 0
+                        else self._queue.get_nowait()
+                    )
+                except queue.Empty:
+                    break
+                if item is _STOP:  # finish what is queued first: _STOP was put last
+                    stopping = True
+                    break
+                batch.append(item)
+            with self._lock:
+                self._waiting -= len(batch)
+            self._decode(batch)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Decode whatever is still queued (nothing can be added once closing)."""
+        rest = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                rest.append(item)
+        for start in range(0, len(rest), self.max_batch):
+            chunk = rest[start : start + self.max_batch]
+            with self._lock:
+                self._waiting -= len(chunk)
+            self._decode(chunk)
+
+    def _decode(self, batch: list[_Request]) -> None:
+        started = time.perf_counter()
+        model = self.transcriber.model
+        calls0 = model.decoder_calls
+        try:
+            results = self._transcribe([r.wave for r in batch])
+        except Exception as exc:  # isolate the failure: decode each request on its own
+            log.warning(
+                "batch of %d failed (%s); decoding its requests one by one", len(batch), exc
+            )
+            if len(batch) > 1:
+                for request in batch:
+                    self._decode([request])
+                return
+            self.counters.failed += 1
+            _resolve(batch[0], exc)
+            return
+        elapsed = time.perf_counter() - started
+        calls = model.decoder_calls - calls0
+        c = self.counters
+        c.batches += 1
+        c.requests += len(batch)
+        c.decoder_calls += calls
+        c.busy_seconds += elapsed
+        c.largest_batch = max(c.largest_batch, len(batch))
+        batch_id = c.batches
+        for request, result in zip(batch, results, strict=True):
+            if result.error:
+                c.failed += 1
+            info = BatchInfo(batch_id, len(batch), calls, started - request.arrived, elapsed)
+            _resolve(request, (result, info))
+
+    def _transcribe(self, waves: list[np.ndarray]) -> list[DecodingResult]:
+        """Results in input order; one batch (``batch_size`` = the batch's size)."""
+        results: list = [None] * len(waves)
+        for index, result in self.transcriber.transcribe_iter(
+            waves, _with_batch(self.options, len(waves)), raise_errors=False
+        ):
+            results[index] = result
+        return results
+
+
+def _with_batch(options: DecodingOptions, size: int) -> DecodingOptions:
+    import dataclasses
+
+    return dataclasses.replace(options, batch_size=max(1, size))
+
+
+def _resolve(request: _Request, outcome: object) -> None:
+    """Hand the outcome (a value or an exception) to the request's event loop."""
+
+    def settle() -> None:
+        if request.future.done():  # the client went away and the handler was cancelled
+            return
+        if isinstance(outcome, BaseException):
+            request.future.set_exception(outcome)
+        else:
+            request.future.set_result(outcome)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+        request.loop.call_soon_threadsafe(settle)

@@ -1,0 +1,254 @@
+"""The HTTP service against a live uvicorn server on a free loopback port: API text equals
+``transcribe``'s, bad uploads get named 4xx JSON errors while a concurrent good request
+succeeds, concurrent requests share batched decoder calls; the batcher's overload, failure
+isolation and drain-on-close with a stand-in transcriber."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from test_transcribe import make_checkpoint, write_wav
+
+pytest.importorskip("starlette")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from speechllama import DecodingOptions, DecodingResult, load_model  # noqa: E402
+from speechllama.cli import build_parser  # noqa: E402
+from speechllama.serve import ServeConfig, create_app  # noqa: E402
+from speechllama.serve.batcher import Batcher, Overloaded, ShuttingDown  # noqa: E402
+
+torch.set_num_threads(1)
+
+# A random model writes garbage until its length limit: keep that limit small.
+OPTIONS = DecodingOptions(max_tokens_per_second=3.0, max_tokens_min=3)
+URL = "/v1/audio/transcriptions"
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Run ``app`` on uvicorn in a thread, on a loopback port the OS picked; yields its URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def transcriber(tmp_path_factory):
+    return load_model(make_checkpoint(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="module")
+def wavs(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("wavs")
+    return [write_wav(root / f"u{i}.wav", 0.4 + 0.05 * i, seed=i) for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def server(transcriber) -> Iterator[str]:
+    config = ServeConfig(max_batch=16, max_wait_ms=300, max_upload_mb=0.1, max_audio_s=2.0)
+    with live_server(create_app(transcriber, OPTIONS, config)) as url:
+        yield url
+
+
+def _post(
+    client, path: Path | None = None, data: bytes | None = None, name: str = "a.wav", **fields: str
+):
+    body = path.read_bytes() if path is not None else data
+    files = {"file": (name, body, "audio/wav")}
+    return client.post(URL, files=files, data={"model": "speechllama", **fields})
+
+
+def _error(response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["type"] == ("invalid_request_error" if status < 500 else "overloaded_error")
+    return error["message"]
+
+
+def test_api_text_equals_transcribe(server, transcriber, wavs):
+    expected = transcriber.transcribe(wavs[3], OPTIONS)
+    assert expected.tokens  # the random model says something: a non-trivial comparison
+    with httpx.Client(base_url=server, timeout=60) as client:
+        as_json = _post(client, wavs[3])
+        as_text = _post(client, wavs[3], response_format="text")
+        verbose = _post(client, wavs[3], response_format="verbose_json", language="en")
+    assert as_json.status_code == 200, as_json.text
+    assert as_json.json() == {"text": expected.text}
+    assert as_text.text == expected.text
+    v = verbose.json()
+    assert v["text"] == expected.text
+    assert v["decoder_calls"] == expected.decoder_calls
+    assert v["tokens"] == len(expected.tokens)
+    assert v["accepted_per_call"] == list(expected.accepted_per_call)
+    assert v["duration"] == pytest.approx(expected.audio_seconds, abs=1e-3)
+    assert v["batch"]["size"] == 1 and v["batch"]["decoder_calls"] == expected.decoder_calls
+    assert set(v["timings"]) >= {"queue_seconds", "encoder_seconds", "decoder_seconds"}
+
+
+def test_bad_uploads_fail_alone(server, wavs, tmp_path):
+    """A corrupt file, an empty upload, a too-large upload, unsupported audio and too-long
+    audio, sent together with a good request: each gets its 4xx naming the problem."""
+    good = wavs[5]
+    too_long = tmp_path / "long.wav"  # 16-bit, 80 KB: under the upload limit
+    sf.write(too_long, np.zeros(40000, np.float32), 16000, subtype="PCM_16")
+    stereo_noise = np.random.default_rng(0).standard_normal((2 * 16000, 2)).astype(np.float32)
+    big = io.BytesIO()
+    sf.write(big, stereo_noise, 16000, format="WAV", subtype="FLOAT")  # 256 KB > 0.1 MB
+
+    async def run() -> list:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+            return await asyncio.gather(
+                client.post(URL, files={"file": ("good.wav", good.read_bytes())}),
+                client.post(URL, files={"file": ("bad.wav", b"RIFF\x10\x00\x00\x00WAVEjunk" * 8)}),
+                client.post(URL, files={"file": ("empty.wav", b"")}),
+                client.post(URL, files={"file": ("big.wav", big.getvalue())}),
+                client.post(URL, files={"file": ("notes.txt", b"hello, not audio at all" * 9)}),
+                client.post(URL, files={"file": ("long.wav", too_long.read_bytes())}),
+            )
+
+    ok, corrupt, empty, large, text, long = asyncio.run(run())
+    assert ok.status_code == 200 and isinstance(ok.json()["text"], str)
+    assert "bad.wav" in _error(corrupt, 400, "invalid_audio")
+    assert "empty" in _error(empty, 400, "empty_file")
+    assert "too large" in _error(large, 413, "upload_too_large")
+    assert "notes.txt" in _error(text, 415, "unsupported_format")
+    assert "2 s limit" in _error(long, 413, "audio_too_long")
+
+
+def test_fields_are_checked(server, wavs):
+    with httpx.Client(base_url=server, timeout=60) as client:
+        assert "de" in _error(_post(client, wavs[0], language="de"), 400, "unsupported_language")
+        assert _post(client, wavs[0], language="en-US").status_code == 200
+        assert "srt" in _error(
+            _post(client, wavs[0], response_format="srt"), 400, "unsupported_response_format"
+        )
+        _error(_post(client, wavs[0], model="gpt-4o-transcribe"), 404, "model_not_found")
+        assert _post(client, wavs[0], model="whisper-1").status_code == 200  # clients' default
+        _error(client.post(URL, data={"model": "speechllama"}), 400, "invalid_content_type")
+        _error(client.post(URL, files={"other": ("a", b"x")}), 400, "missing_file")
+        missing = client.get("/v1/nothing")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "http_error"
+        models = client.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["speechllama"]
+        page = client.get("/")
+        assert page.status_code == 200 and 'id="transcript"' in page.text
+
+
+def test_concurrent_requests_share_decoder_calls(server, transcriber, wavs):
+    """16 concurrent requests: all succeed, with the same texts as 16 sequential ones, in
+    fewer batched decoder calls."""
+
+    def calls(client) -> int:
+        return client.get("/health").json()["stats"]["decoder_calls"]
+
+    with httpx.Client(base_url=server, timeout=60) as client:
+        before = calls(client)
+        sequential = [_post(client, w).json()["text"] for w in wavs]
+        sequential_calls = calls(client) - before
+
+    async def together() -> list:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+            fields = {"response_format": "verbose_json"}
+            return await asyncio.gather(
+                *(
+                    client.post(URL, files={"file": (w.name, w.read_bytes())}, data=fields)
+                    for w in wavs
+                )
+            )
+
+    with httpx.Client(base_url=server, timeout=60) as client:
+        before = calls(client)
+        responses = asyncio.run(together())
+        batched_calls = calls(client) - before
+        health = client.get("/health").json()
+    assert all(r.status_code == 200 for r in responses)
+    assert [r.json()["text"] for r in responses] == sequential
+    assert max(r.json()["batch"]["size"] for r in responses) > 1
+    assert 0 < batched_calls < sequential_calls
+    assert health["stats"]["largest_batch"] > 1
+
+
+# -- the batcher alone, with a stand-in transcriber ---------------------------------------
+
+
+class _Model:
+    decoder_calls = 0
+
+
+class _Slow:
+    """Transcribes a wave to its length; waits for ``gate``; fails a batch holding a NaN."""
+
+    def __init__(self) -> None:
+        self.model = _Model()
+        self.gate = threading.Event()
+        self.batches: list[int] = []
+
+    def transcribe_iter(self, waves, options, raise_errors=False):
+        self.gate.wait(10)
+        if len(waves) > 1 and any(np.isnan(w).any() for w in waves):
+            raise RuntimeError("poisoned batch")
+        self.batches.append(len(waves))
+        self.model.decoder_calls += 1
+        for i, w in enumerate(waves):
+            yield i, DecodingResult(text=str(len(w)), tokens=(1,), decoder_calls=1)
+
+
+def test_batcher_overload_isolation_and_drain():
+    fake = _Slow()
+
+    async def run():
+        batcher = Batcher(fake, OPTIONS, max_batch=4, max_wait=0.05, max_queue=3)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(np.zeros(1, np.float32)))
+        await asyncio.sleep(0.2)  # the worker took it and waits at the gate
+        queued = [
+            asyncio.ensure_future(batcher.submit(np.zeros(n, np.float32))) for n in (2, 3)
+        ] + [asyncio.ensure_future(batcher.submit(np.full(4, np.nan, np.float32)))]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded) as over:
+            await batcher.submit(np.zeros(5, np.float32))
+        assert over.value.retry_after >= 1
+        closing = asyncio.ensure_future(batcher.close())  # must still finish the queue
+        await asyncio.sleep(0.05)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(np.zeros(6, np.float32))
+        fake.gate.set()
+        await closing
+        done = await asyncio.gather(first, *queued)
+        return [r.text for r, _ in done], batcher.stats()
+
+    texts, stats = asyncio.run(run())
+    assert texts == ["1", "2", "3", "4"]  # the poisoned batch was retried one by one
+    assert fake.batches == [1, 1, 1, 1]
+    assert stats["rejected"] == 1 and stats["requests"] == 4
+
+
+def test_cli_registers_serve():
+    args = build_parser().parse_args(["serve", "--max-batch", "4", "--max-wait-ms", "5"])
+    assert (args.max_batch, args.max_wait_ms, args.host, args.port) == (4, 5.0, "127.0.0.1", 8000)
