@@ -252,3 +252,14 @@ def test_batcher_overload_isolation_and_drain():
 def test_cli_registers_serve():
     args = build_parser().parse_args(["serve", "--max-batch", "4", "--max-wait-ms", "5"])
     assert (args.max_batch, args.max_wait_ms, args.host, args.port) == (4, 5.0, "127.0.0.1", 8000)
+
+
+def test_loadtest_cell(server, wavs):
+    """The load generator's table cell: every request answered, counters read from /health."""
+    from speechllama.serve.loadtest import HEADER, measure
+
+    result = measure(server, wavs[:4], clients=4, requests=8, strategy="greedy", batching="on")
+    assert (result.requests, result.failed) == (8, 0)
+    assert result.rps > 0 and 0 < result.p50_ms <= result.p90_ms <= result.p99_ms
+    assert 1.0 <= result.mean_batch <= 4.0 and result.calls_per_request > 0
+    assert result.row().count("|") == HEADER.count("|")

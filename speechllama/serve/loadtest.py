@@ -1,0 +1,261 @@
+"""A bounded load generator for ``speechllama serve`` on loopback: requests per second and
+latency percentiles at several client counts, batching on and off, for each strategy.
+
+    python -m speechllama.serve.loadtest --model DIR --strategies greedy,verify \\
+        --clients 1,4,16 --requests 48
+
+For every (strategy, batching) pair it starts its own server process (``speechllama serve``
+on a free loopback port, ``--max-batch 1`` for batching off), sends a few untimed warm-up
+requests, then for every client count sends exactly ``--requests`` requests from that many
+concurrent clients (each sends its next request when its last one is answered: a closed
+loop, so the load is bounded by the clients, never by an open-ended rate). Audio is the
+bundled example files (``--audio`` to choose), sent in turn. ``--url`` measures one server
+that is already running instead. Mean batch size and batched decoder calls per request come
+from the server's ``/health`` counters before and after each run.
+
+Prints one markdown table; ``--json`` also writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["LoadResult", "main", "run_load"]
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "audio"
+HEADER = (
+    "| strategy | batching | clients | requests | req/s | p50 ms | p90 ms | p99 ms "
+    "| mean batch | batched calls/request | failed |"
+)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """One cell of the table: ``requests`` sent by ``clients`` concurrent clients."""
+
+    strategy: str
+    batching: str
+    clients: int
+    requests: int
+    seconds: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_batch: float
+    calls_per_request: float
+    failed: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def row(self) -> str:
+        return (
+            f"| {self.strategy} | {self.batching} | {self.clients} | {self.requests} "
+            f"| {self.rps:.2f} | {self.p50_ms:.0f} | {self.p90_ms:.0f} | {self.p99_ms:.0f} "
+            f"| {self.mean_batch:.2f} | {self.calls_per_request:.1f} | {self.failed} |"
+        )
+
+
+async def run_load(
+    url: str, files: Sequence[Path], clients: int, requests: int, timeout: float = 120.0
+) -> tuple[float, list[float], int]:
+    """Send ``requests`` transcription requests from ``clients`` closed-loop clients.
+    Returns (wall seconds, latencies of the successful ones in seconds, failures)."""
+    import httpx
+
+    bodies = [(f.name, f.read_bytes()) for f in files]
+    latencies: list[float] = []
+    failed = 0
+    sent = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal sent, failed
+        while sent < requests:
+            name, data = bodies[sent % len(bodies)]
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(
+                    "/v1/audio/transcriptions",
+                    files={"file": (name, data)},
+                    data={"response_format": "json"},
+                )
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                failed += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return time.perf_counter() - t0, latencies, failed
+
+
+def _health(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url + "/health", timeout=30).json()
+
+
+def measure(
+    url: str, files: Sequence[Path], clients: int, requests: int, strategy: str, batching: str
+) -> LoadResult:
+    """One table cell against the server at ``url`` (its /health counters give the batches)."""
+    before = _health(url)["stats"]
+    seconds, latencies, failed = asyncio.run(run_load(url, files, clients, requests))
+    after = _health(url)["stats"]
+    served = after["requests"] - before["requests"]
+    batches = after["batches"] - before["batches"]
+    calls = after["decoder_calls"] - before["decoder_calls"]
+    ms = np.asarray(latencies or [0.0]) * 1000
+    p50, p90, p99 = (float(np.percentile(ms, q)) for q in (50, 90, 99))
+    return LoadResult(
+        strategy=strategy,
+        batching=batching,
+        clients=clients,
+        requests=requests,
+        seconds=seconds,
+        p50_ms=p50,
+        p90_ms=p90,
+        p99_ms=p99,
+        mean_batch=served / batches if batches else 0.0,
+        calls_per_request=calls / served if served else 0.0,
+        failed=failed,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(serve_args: Sequence[str], startup: float = 300.0) -> Iterator[str]:
+    """``speechllama serve`` in a child process on a free loopback port; yields its URL and
+    stops it (SIGTERM: a graceful shutdown) afterwards."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "speechllama", "serve", "--port", str(port),
+           "--log-level", "warning", *serve_args]  # fmt: skip
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode}: {' '.join(cmd)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not answer /health within {startup:g} s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _int_list(text: str) -> list[int]:
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4,16, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m speechllama.serve.loadtest",
+        description="Bounded loopback load test of `speechllama serve`: req/s and latency "
+        "percentiles by client count, batching on/off, per strategy.",
+    )
+    p.add_argument("--model", help="checkpoint directory or bundled model name")
+    p.add_argument("--url", help="measure this running server instead of starting servers")
+    p.add_argument(
+        "--strategies",
+        default="greedy,verify",
+        help="comma-separated decoding strategies (default: greedy,verify)",
+    )
+    p.add_argument("--batching", default="on,off", help="on, off or on,off (default: on,off)")
+    p.add_argument("--clients", type=_int_list, default=[1, 4, 16], help="default: 1,4,16")
+    p.add_argument("--requests", type=int, default=48, help="requests per cell (default: 48)")
+    p.add_argument("--warmup", type=int, default=4, help="untimed requests per server")
+    p.add_argument("--max-batch", type=int, default=16, help="server --max-batch when on")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="server --max-wait-ms")
+    p.add_argument("--threads", type=int, default=1, help="server torch threads (default: 1)")
+    p.add_argument("--audio", nargs="+", type=Path, help="audio files (default: the examples)")
+    p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    return p  # fmt: skip
+
+
+def _cells(args: argparse.Namespace) -> Iterator[tuple[str, str, list[str]]]:
+    """(strategy, batching, server arguments) for every server to start."""
+    for strategy in [s for s in args.strategies.split(",") if s]:
+        for batching in [b for b in args.batching.split(",") if b]:
+            if batching not in ("on", "off"):
+                raise SystemExit(f"--batching takes on and/or off, got {batching!r}")
+            batch = args.max_batch if batching == "on" else 1
+            serve = ["--decoding", strategy, "--max-batch", str(batch),
+                     "--max-wait-ms", str(args.max_wait_ms), "--threads", str(args.threads),
+                     "--max-queue", str(max(64, 2 * max(args.clients)))]  # fmt: skip
+            if args.model:
+                serve += ["--model", args.model]
+            yield strategy, batching, serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    files = args.audio or sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".wav", ".flac"))
+    if not files:
+        raise SystemExit("no audio files to send")
+    results: list[LoadResult] = []
+    print(HEADER)
+    print("|" + "---|" * HEADER.count(" | ") + "---|")
+
+    def run_cells(url: str, strategy: str, batching: str) -> None:
+        if args.warmup:
+            asyncio.run(run_load(url, files, 1, args.warmup))
+        for clients in args.clients:
+            result = measure(url, files, clients, args.requests, strategy, batching)
+            results.append(result)
+            print(result.row(), flush=True)
+
+    if args.url:
+        config = _health(args.url)
+        batching = "on" if config["config"]["max_batch"] > 1 else "off"
+        run_cells(args.url.rstrip("/"), config["strategy"], batching)
+    else:
+        for strategy, batching, serve in _cells(args):
+            with server_process(serve) as url:
+                run_cells(url, strategy, batching)
+    if args.json:
+        rows = [{**asdict(r), "rps": r.rps} for r in results]
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 1 if any(r.failed for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
