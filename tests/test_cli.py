@@ -56,6 +56,19 @@ def test_transcribe_prints_path_tab_text(ckpt, wavs, capsys):
     assert [lines[str(w)] for w in wavs] == [r.text for r in expected]
 
 
+def test_transcribe_stats_go_to_stderr_and_add_up(ckpt, wavs, capsys):
+    from speechllama import load_model
+
+    code = main(["transcribe", "--model", str(ckpt), "--threads", "1", "--stats", *map(str, wavs)])
+    captured = capsys.readouterr()
+    assert code == 0 and len(captured.out.splitlines()) == len(wavs)  # stdout unchanged
+    results = load_model(ckpt).transcribe(wavs)
+    for wav, r in zip(wavs, results):
+        assert f"{wav}: {r.decoder_calls} decoder calls, {len(r.tokens)} tokens" in captured.err
+    calls, tokens = sum(r.decoder_calls for r in results), sum(len(r.tokens) for r in results)
+    assert f"{calls} decoder calls for {tokens} tokens" in captured.err.splitlines()[-1]
+
+
 def test_bad_files_give_one_line_each_and_the_rest_is_transcribed(ckpt, wavs, tmp_path, capsys):
     missing = tmp_path / "missing.wav"
     empty = tmp_path / "empty.wav"

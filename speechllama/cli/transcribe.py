@@ -13,7 +13,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from speechllama.decoding.options import DecodingResult
 
 _PROG = "speechllama transcribe"
 
@@ -123,6 +126,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="OUT.jsonl",
         help="append one JSON object per file; files already in it are skipped",
     )
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="also print each file's decoder calls, tokens per call and RTF, and a summary "
+        "(to stderr, so stdout stays PATH<TAB>TEXT)",
+    )
     add_model_args(p)
     add_decoding_args(p)
     p.set_defaults(func=run)
@@ -167,6 +176,7 @@ def _run_files(args: argparse.Namespace) -> int:
         return 0
     model = load_model(args.model, device=args.device)
     failed = 0
+    stats = _Stats() if getattr(args, "stats", False) else None
     out = ResultLog(args.output) if args.output else None  # one durable line per result
     if out is not None:
         out.open()
@@ -177,6 +187,8 @@ def _run_files(args: argparse.Namespace) -> int:
                 print(f"{_PROG}: error: {result.error}", file=sys.stderr, flush=True)
                 continue
             print(f"{todo[index]}\t{result.text}", flush=True)
+            if stats is not None:
+                stats.add(todo[index], result)
             if out is not None:
                 row = {
                     "audio_filepath": todo[index],
@@ -190,7 +202,40 @@ def _run_files(args: argparse.Namespace) -> int:
     finally:
         if out is not None:
             out.close()
+    if stats is not None:
+        stats.summary()
     if failed:
         print(f"{_PROG}: {failed} of {len(todo)} file(s) failed", file=sys.stderr)
         return 1
     return 0
+
+
+class _Stats:
+    """Decoding statistics for ``--stats``: what the multi-token decoder saved, per file."""
+
+    def __init__(self) -> None:
+        self.calls = self.tokens = 0
+        self.seconds = self.audio = self.encoder = 0.0
+
+    def add(self, path: str, result: DecodingResult) -> None:
+        self.calls += result.decoder_calls
+        self.tokens += len(result.tokens)
+        self.encoder += result.encoder_seconds
+        self.seconds += result.encoder_seconds + result.decoder_seconds
+        self.audio += result.audio_seconds
+        print(
+            f"  {path}: {result.decoder_calls} decoder calls, {len(result.tokens)} tokens "
+            f"({result.tokens_per_call:.2f} per call), RTF {result.rtf:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def summary(self) -> None:
+        per_call = self.tokens / self.calls if self.calls else 0.0
+        rtf = self.seconds / self.audio if self.audio else 0.0
+        print(
+            f"{_PROG}: {self.calls} decoder calls for {self.tokens} tokens ({per_call:.2f} per "
+            f"call); {self.seconds:.2f} s for {self.audio:.1f} s of audio, RTF {rtf:.3f} "
+            f"(encoder {self.encoder:.2f} s)",
+            file=sys.stderr,
+        )
