@@ -197,33 +197,30 @@ def test_concurrent_requests_share_decoder_calls(server, transcriber, wavs):
 # -- the batcher alone, with a stand-in transcriber ---------------------------------------
 
 
-class _Model:
-    decoder_calls = 0
-
-
 class _Slow:
-    """Transcribes a wave to its length; waits for ``gate``; fails a batch holding a NaN."""
+    """An engine that transcribes a wave to its length after ``gate`` opens, and fails a
+    batch holding a NaN after answering its first request."""
 
     def __init__(self) -> None:
-        self.model = _Model()
+        self.decoder_calls = 0
         self.gate = threading.Event()
         self.batches: list[int] = []
 
-    def transcribe_iter(self, waves, options, raise_errors=False):
+    def run(self, waves, on_result) -> None:
         self.gate.wait(10)
-        if len(waves) > 1 and any(np.isnan(w).any() for w in waves):
-            raise RuntimeError("poisoned batch")
         self.batches.append(len(waves))
-        self.model.decoder_calls += 1
+        self.decoder_calls += 1
         for i, w in enumerate(waves):
-            yield i, DecodingResult(text=str(len(w)), tokens=(1,), decoder_calls=1)
+            if i > 0 and any(np.isnan(w).any() for w in waves):
+                raise RuntimeError("poisoned batch")
+            on_result(i, DecodingResult(text=str(len(w)), tokens=(1,), decoder_calls=1))
 
 
 def test_batcher_overload_isolation_and_drain():
     fake = _Slow()
 
     async def run():
-        batcher = Batcher(fake, OPTIONS, max_batch=4, max_wait=0.05, max_queue=3)
+        batcher = Batcher(fake, max_batch=4, max_wait=0.05, max_queue=3)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(np.zeros(1, np.float32)))
         await asyncio.sleep(0.2)  # the worker took it and waits at the gate
@@ -244,8 +241,8 @@ def test_batcher_overload_isolation_and_drain():
         return [r.text for r, _ in done], batcher.stats()
 
     texts, stats = asyncio.run(run())
-    assert texts == ["1", "2", "3", "4"]  # the poisoned batch was retried one by one
-    assert fake.batches == [1, 1, 1, 1]
+    assert texts == ["1", "2", "3", "4"]  # the poisoned batch's unanswered two were retried
+    assert fake.batches == [1, 3, 1, 1]
     assert stats["rejected"] == 1 and stats["requests"] == 4
 
 
@@ -263,3 +260,34 @@ def test_loadtest_cell(server, wavs):
     assert result.rps > 0 and 0 < result.p50_ms <= result.p90_ms <= result.p99_ms
     assert 1.0 <= result.mean_batch <= 4.0 and result.calls_per_request > 0
     assert result.row().count("|") == HEADER.count("|")
+
+
+def test_engine_answers_each_request_when_its_sequence_ends(transcriber, tmp_path):
+    """A short request leaves its batch before a long one ends, with exactly the result that
+    ``transcribe`` gives it alone; silent audio takes the library's path (no decoder call)."""
+    from speechllama.audio import load_audio
+    from speechllama.serve.engine import Engine
+
+    short = load_audio(write_wav(tmp_path / "short.wav", 0.3, seed=1))
+    long = load_audio(write_wav(tmp_path / "long.wav", 3.0, seed=2))
+    silent = np.zeros(8000, np.float32)
+    engine = Engine(transcriber, OPTIONS)
+    order: list[tuple[int, int]] = []
+    results: dict[int, DecodingResult] = {}
+
+    def on_result(index: int, result: DecodingResult) -> None:
+        order.append((index, engine.decoder_calls))
+        results[index] = result
+
+    calls0 = engine.decoder_calls
+    engine.run([long, short, silent], on_result)
+    assert [i for i, _ in order] == [2, 1, 0]
+    assert order[1][1] < order[2][1]  # the short one was answered while the long one decoded
+    for i, wave in enumerate([long, short, silent]):
+        alone = transcriber.transcribe(wave, OPTIONS)
+        got = results[i]
+        assert (got.text, got.tokens, got.decoder_calls, got.accepted_per_call) == (
+            alone.text, alone.tokens, alone.decoder_calls, alone.accepted_per_call,
+        )  # fmt: skip
+    assert results[2].decoder_calls == 0
+    assert order[2][1] - calls0 == max(results[0].decoder_calls, results[1].decoder_calls)

@@ -31,6 +31,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from speechllama.serve.batcher import Batcher, BatchInfo, Overloaded, ShuttingDown
+from speechllama.serve.engine import Engine
 from speechllama.serve.errors import ApiError, error_response
 from speechllama.serve.upload import decode_upload
 
@@ -76,9 +77,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        batcher = Batcher(
-            transcriber, options, config.max_batch, config.max_wait_ms / 1000, config.max_queue
-        )
+        engine = Engine(transcriber, options)
+        batcher = Batcher(engine, config.max_batch, config.max_wait_ms / 1000, config.max_queue)
         batcher.start()
         app.state.batcher = batcher
         try:

@@ -11,13 +11,12 @@ hand, whichever comes first; so batching adds at most ``max_wait`` to a request'
 request that arrives while a batch is decoding waits in the queue and joins the next batch
 (under load, batches fill without any waiting). ``max_batch = 1`` turns batching off.
 
-Within a batch, finished rows leave the decoder's batch as they end (the decoding loop's
-compaction, ``decoding.base.compact_finished``), so a short request stops costing decoder
-width; its response is sent when the batch's ``transcribe_iter`` call returns.
+Within a batch, each request is answered as soon as its sequence ends, while the others go on
+decoding (``engine``: requests are encoded one by one and decoded together).
 
-Failure isolation: a bad input becomes an errored ``DecodingResult`` for that request alone
-(``transcribe_iter`` with ``raise_errors=False``); if a whole batch raises, each of its
-requests is decoded again on its own, so one poison request cannot fail the others.
+Failure isolation: a bad input becomes an errored ``DecodingResult`` for that request alone;
+if a whole batch raises, each of its unanswered requests is decoded again on its own, so one
+poison request cannot fail the others.
 
 Bounded queue: at most ``max_queue`` requests wait; ``submit`` raises :class:`Overloaded`
 (with a retry estimate) beyond that, and :class:`ShuttingDown` once ``close`` has begun.
@@ -39,8 +38,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from speechllama.decoding.options import DecodingOptions, DecodingResult
-    from speechllama.transcribe import Transcriber
+    from speechllama.decoding.options import DecodingResult
+    from speechllama.serve.engine import Engine
 
 __all__ = ["BatchInfo", "Batcher", "Overloaded", "ShuttingDown"]
 
@@ -63,9 +62,11 @@ class ShuttingDown(RuntimeError):
 class BatchInfo:
     """The batch a request was decoded in.
 
-    ``decoder_calls`` counts the batched decoder calls the batch made (prefill included): the
-    cost the whole batch shared, whereas ``DecodingResult.decoder_calls`` counts the calls one
-    request took part in. ``queue_seconds`` is the request's wait before its batch started."""
+    ``decoder_calls`` counts the batched decoder calls (prefill included) the batch had made
+    when this request left it: a cost shared by the whole batch, whereas
+    ``DecodingResult.decoder_calls`` counts the calls one request took part in.
+    ``queue_seconds`` is the request's wait before its batch started, ``batch_seconds`` the
+    time from then until its result was ready."""
 
     batch_id: int
     size: int
@@ -86,7 +87,6 @@ class _Request:
 class _Counters:
     requests: int = 0
     batches: int = 0
-    decoder_calls: int = 0
     rejected: int = 0
     failed: int = 0
     busy_seconds: float = 0.0
@@ -101,8 +101,7 @@ class Batcher:
 
     def __init__(
         self,
-        transcriber: Transcriber,
-        options: DecodingOptions,
+        engine: Engine,
         max_batch: int = 8,
         max_wait: float = 0.01,
         max_queue: int = 64,
@@ -113,8 +112,8 @@ class Batcher:
             raise ValueError(f"max_wait must not be negative, got {max_wait}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
-        self.transcriber = transcriber
-        self.options = options
+        self.engine = engine
+        self._calls0 = engine.decoder_calls
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.max_queue = max_queue
@@ -165,7 +164,7 @@ class Batcher:
         return {
             "requests": c.requests,
             "batches": c.batches,
-            "decoder_calls": c.decoder_calls,
+            "decoder_calls": self.engine.decoder_calls - self._calls0,
             "failed": c.failed,
             "rejected": c.rejected,
             "queued": self._waiting,
@@ -220,51 +219,39 @@ class Batcher:
             self._decode(chunk)
 
     def _decode(self, batch: list[_Request]) -> None:
+        """Decode ``batch``; each request is resolved as soon as its result is known."""
         started = time.perf_counter()
-        model = self.transcriber.model
-        calls0 = model.decoder_calls
-        try:
-            results = self._transcribe([r.wave for r in batch])
-        except Exception as exc:  # isolate the failure: decode each request on its own
-            log.warning(
-                "batch of %d failed (%s); decoding its requests one by one", len(batch), exc
-            )
-            if len(batch) > 1:
-                for request in batch:
-                    self._decode([request])
-                return
-            self.counters.failed += 1
-            _resolve(batch[0], exc)
-            return
-        elapsed = time.perf_counter() - started
-        calls = model.decoder_calls - calls0
+        calls0 = self.engine.decoder_calls
         c = self.counters
         c.batches += 1
-        c.requests += len(batch)
-        c.decoder_calls += calls
-        c.busy_seconds += elapsed
         c.largest_batch = max(c.largest_batch, len(batch))
         batch_id = c.batches
-        for request, result in zip(batch, results, strict=True):
-            if result.error:
-                c.failed += 1
-            info = BatchInfo(batch_id, len(batch), calls, started - request.arrived, elapsed)
+        answered: set[int] = set()
+
+        def on_result(index: int, result: DecodingResult) -> None:
+            request = batch[index]
+            now = time.perf_counter()
+            calls = self.engine.decoder_calls - calls0
+            info = BatchInfo(batch_id, len(batch), calls, started - request.arrived, now - started)
+            answered.add(index)
+            c.requests += 1
+            c.failed += bool(result.error)
             _resolve(request, (result, info))
 
-    def _transcribe(self, waves: list[np.ndarray]) -> list[DecodingResult]:
-        """Results in input order; one batch (``batch_size`` = the batch's size)."""
-        results: list = [None] * len(waves)
-        for index, result in self.transcriber.transcribe_iter(
-            waves, _with_batch(self.options, len(waves)), raise_errors=False
-        ):
-            results[index] = result
-        return results
-
-
-def _with_batch(options: DecodingOptions, size: int) -> DecodingOptions:
-    import dataclasses
-
-    return dataclasses.replace(options, batch_size=max(1, size))
+        try:
+            self.engine.run([r.wave for r in batch], on_result)
+        except Exception as exc:  # isolate the failure: decode each request on its own
+            rest = [r for i, r in enumerate(batch) if i not in answered]
+            log.warning("batch of %d failed (%s); retrying %d alone", len(batch), exc, len(rest))
+            if len(batch) > 1:
+                c.batches -= 1
+                for request in rest:
+                    self._decode([request])
+            elif not answered:
+                c.failed += 1
+                _resolve(batch[0], exc)
+        finally:
+            c.busy_seconds += time.perf_counter() - started
 
 
 def _resolve(request: _Request, outcome: object) -> None:
