@@ -22,7 +22,9 @@
 #
 # Stages:
 #   0  check the synthesis engines and the speechllama command
-#   1  real-smoke, fsdd-train, fsdd-test: import the shared manifest.tsv files (audio referenced)
+#   1  real-smoke, fsdd-train, fsdd-test: import the shared manifest.tsv files (audio referenced);
+#      fsdd-locked: one recording per FSDD speaker and digit, seeded, moved out of fsdd-train
+#      (`speechllama campaign lock-fsdd`): real speech no training run and no choice sees
 #   2  text/: normalise the corpora, drop test sentences, hold out dev and held-out sentences
 #   3  train/: --hours of audio, training voices, varied speed and pitch
 #   4  dev/: the dev sentences (never in train), training voices
@@ -31,7 +33,7 @@
 #   6  validate every manifest and print a summary
 #
 # Output: DATA/<set>/manifest.jsonl for set in train dev synth-heldout fsdd-train fsdd-test
-# real-smoke (NeMo JSONL; synthetic audio as 16 kHz FLAC next to its manifest).
+# fsdd-locked real-smoke (NeMo JSONL; synthetic audio as 16 kHz FLAC next to its manifest).
 # Synthesis stages resume: re-running one skips the files already made.
 #
 # Synthesis uses every core. On a 2-core machine never run it next to 2-thread training.
@@ -127,6 +129,7 @@ if run_stage 1; then
     mv "$imports/${pair%%:*}.jsonl" "$data/${pair#*:}/manifest.jsonl"
   done
   rmdir "$imports"
+  "$speechllama" campaign lock-fsdd "$data" --seed "$seed"
 fi
 
 if run_stage 2; then

@@ -7,6 +7,7 @@
 #   recipes/synthetic/run.sh --stage 3 --stop-stage 4          # only the training stages 3-4
 #   recipes/synthetic/run.sh --data /work/data/synthetic --exp exp/small
 #   DRY_RUN=1 recipes/synthetic/run.sh                         # print the commands, run nothing
+#   recipes/synthetic/run.sh --stage 8 --stop-stage 8          # the accuracy campaign only
 #   NT_STEPS=100 MTP_STEPS=50 recipes/synthetic/run.sh --exp exp/smoke   # one value changed
 #
 # Options (defaults in brackets):
@@ -16,6 +17,7 @@
 #   --conf FILE                  hyper-parameters [recipes/synthetic/conf/small.sh]
 #   --speechllama CMD            the speechllama command [the repo's .venv/bin/speechllama, else PATH]
 #   --python CMD                 python for scripts/peers.py [the repo's .venv/bin/python, else python3]
+#   --campaign FILE              stage 8's runs and protocol [recipes/synthetic/conf/campaign.toml]
 #
 # Stages (each writes EXP/.done/stage-N when it finishes and is skipped while that exists;
 # delete the marker to run it again; training stages continue from their last checkpoint):
@@ -30,6 +32,11 @@
 #      (scripts/peers.py, needs the `peers` extra) -> EXP/peers.{txt,json}, and pocketsphinx
 #      with a digit grammar on fsdd-test -> EXP/peers-digits.{txt,json}
 #   7  export the final model (EXPORT_DTYPE) into the package: speechllama/models/default
+#   8  (only when asked: --stop-stage 8) the accuracy campaign: every run of the --campaign
+#      file not finished yet trains PRESET-from-scratch for the file's fixed budget on its
+#      filtered data (EXP/tokenizer.model, EXP/encoder_cache shared), is scored greedy on the
+#      file's eval sets -> EXP/campaign/results.jsonl; then the table in docs/accuracy.md and
+#      docs/accuracy_real.png. No marker: run it again to add new runs or finish failed ones.
 #
 # Devices: training and evaluation use a CUDA GPU by themselves when one is present, else
 # THREADS CPU threads. Every hyper-parameter is in the --conf file; this script holds none.
@@ -44,6 +51,7 @@ exp=exp/synthetic-small
 conf=$repo/recipes/synthetic/conf/small.sh
 speechllama=""
 python=""
+campaign=$repo/recipes/synthetic/conf/campaign.toml
 dry_run=${DRY_RUN:-}
 
 log() {
@@ -64,6 +72,7 @@ while [ $# -gt 0 ]; do
     --conf) conf=$2; shift 2 ;;
     --speechllama) speechllama=$2; shift 2 ;;
     --python) python=$2; shift 2 ;;
+    --campaign) campaign=$2; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; usage ;;
   esac
@@ -203,4 +212,14 @@ fi
 if want 7 "export $final ($EXPORT_DTYPE) into the package"; then
   run "$speechllama" export "$final" --dtype "$EXPORT_DTYPE"
   finish 7
+fi
+
+if want 8 "accuracy campaign $campaign -> $exp/campaign, docs/accuracy.md"; then
+  status=0  # a failed run still leaves the others' rows, and the report shows those
+  run "$speechllama" campaign run "$campaign" --data "$data" --exp "$exp/campaign" \
+    --tokenizer "$tokenizer" --cache-dir "$exp/encoder_cache" --device "$device" \
+    --threads "$THREADS" || status=$?
+  run "$speechllama" campaign report --exp "$exp/campaign" --spec "$campaign" \
+    --doc "$repo/docs/accuracy.md" --plot "$repo/docs/accuracy_real.png"
+  [ "$status" -eq 0 ] || exit "$status"
 fi

@@ -27,6 +27,7 @@ _COMMANDS = (
     "tokenizer",
     "data",
     "serve",
+    "campaign",
 )
 
 
