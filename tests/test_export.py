@@ -105,3 +105,23 @@ def test_bundled_model_fits_the_size_limit():
     doc = json.loads((bundled / "config.json").read_text())
     assert doc["weights"]["encoder"] == "source"
     assert not (bundled / "train_state.json").exists()
+
+
+def test_bundled_model_transcribes_the_examples_and_verify_equals_greedy():
+    """What the README's first command does: the shipped model (fp16 storage, fp32 compute)
+    transcribes the bundled clips, and exact verification reproduces greedy token for token
+    with no more decoder calls."""
+    bundled = BUNDLED_MODELS / "default"
+    if not bundled.is_dir():
+        pytest.skip("no bundled model in this checkout yet")
+    from speechllama.assets import example_manifest
+    from speechllama.decoding.options import DecodingOptions
+
+    rows = [json.loads(line) for line in example_manifest().read_text().splitlines() if line]
+    files = [example_manifest().parent / r["audio_filepath"] for r in rows]
+    model = load_model()
+    greedy = model.transcribe(files, DecodingOptions(strategy="greedy"))
+    verify = model.transcribe(files, DecodingOptions(strategy="verify", verify="exact"))
+    assert all(r.error is None and r.text for r in greedy)
+    assert [r.tokens for r in verify] == [r.tokens for r in greedy]
+    assert sum(r.decoder_calls for r in verify) <= sum(r.decoder_calls for r in greedy)
