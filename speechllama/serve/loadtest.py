@@ -4,16 +4,18 @@ latency percentiles at several client counts, batching on and off, for each stra
     python -m speechllama.serve.loadtest --model DIR --strategies greedy,verify \\
         --clients 1,4,16 --requests 48
 
-For every (strategy, batching) pair it starts its own server process (``speechllama serve``
-on a free loopback port, ``--max-batch 1`` for batching off), sends a few untimed warm-up
-requests, then for every client count sends exactly ``--requests`` requests from that many
-concurrent clients (each sends its next request when its last one is answered: a closed
-loop, so the load is bounded by the clients, never by an open-ended rate). Audio is the
-bundled example files (``--audio`` to choose), sent in turn. ``--url`` measures one server
-that is already running instead. Mean batch size and batched decoder calls per request come
-from the server's ``/health`` counters before and after each run.
+For every (strategy, batching) pair it starts a server process (``speechllama serve`` on a
+free loopback port, ``--max-batch 1`` for batching off; all of them at once, idle ones cost
+nothing) and sends it untimed warm-up requests. Then, ``--rounds`` times, for every client
+count and every server in turn (the order rotates each round, so a burst of load from
+elsewhere on a shared machine hits every configuration alike), it sends exactly
+``--requests`` requests from that many concurrent clients (each sends its next request when
+its last one is answered: a closed loop, bounded by the clients, never an open-ended rate).
+A cell reports the medians over its rounds. Audio is the bundled example files (``--audio``
+to choose), sent in turn. ``--url`` measures one running server instead. Mean batch size and
+batched decoder calls per request come from the server's ``/health`` counters.
 
-Prints one markdown table; ``--json`` also writes the rows.
+Prints one markdown table (progress on stderr); ``--json`` also writes the rows.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,23 +45,21 @@ HEADER = (
 
 @dataclass(frozen=True)
 class LoadResult:
-    """One cell of the table: ``requests`` sent by ``clients`` concurrent clients."""
+    """One cell of the table: ``requests`` sent by ``clients`` concurrent clients (medians
+    over ``rounds`` runs of that many requests once combined)."""
 
     strategy: str
     batching: str
     clients: int
     requests: int
-    seconds: float
+    rps: float
     p50_ms: float
     p90_ms: float
     p99_ms: float
     mean_batch: float
     calls_per_request: float
     failed: int
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
+    rounds: int = 1
 
     def row(self) -> str:
         return (
@@ -131,7 +131,7 @@ def measure(
         batching=batching,
         clients=clients,
         requests=requests,
-        seconds=seconds,
+        rps=requests / seconds if seconds else 0.0,
         p50_ms=p50,
         p90_ms=p90,
         p99_ms=p99,
@@ -201,8 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batching", default="on,off", help="on, off or on,off (default: on,off)")
     p.add_argument("--clients", type=_int_list, default=[1, 4, 16], help="default: 1,4,16")
-    p.add_argument("--requests", type=int, default=48, help="requests per cell (default: 48)")
-    p.add_argument("--warmup", type=int, default=4, help="untimed requests per server")
+    p.add_argument("--requests", type=int, default=48, help="requests per run (default: 48)")
+    p.add_argument("--rounds", type=int, default=3, help="runs per cell, medians (default: 3)")
+    p.add_argument(
+        "--warmup", type=int, default=4, help="untimed requests per client per server (default: 4)"
+    )
     p.add_argument("--max-batch", type=int, default=16, help="server --max-batch when on")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="server --max-wait-ms")
     p.add_argument("--threads", type=int, default=1, help="server torch threads (default: 1)")
@@ -226,34 +229,59 @@ def _cells(args: argparse.Namespace) -> Iterator[tuple[str, str, list[str]]]:
             yield strategy, batching, serve
 
 
+def combine(runs: Sequence[LoadResult]) -> LoadResult:
+    """One cell from several rounds: median rate and percentiles, pooled batch counters."""
+
+    def med(name: str) -> float:
+        return float(np.median([getattr(r, name) for r in runs]))
+
+    return replace(
+        runs[0],
+        rps=med("rps"),
+        p50_ms=med("p50_ms"),
+        p90_ms=med("p90_ms"),
+        p99_ms=med("p99_ms"),
+        mean_batch=med("mean_batch"),
+        calls_per_request=med("calls_per_request"),
+        failed=sum(r.failed for r in runs),
+        rounds=len(runs),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     files = args.audio or sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".wav", ".flac"))
     if not files:
         raise SystemExit("no audio files to send")
-    results: list[LoadResult] = []
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            url = args.url.rstrip("/")
+            health = _health(url)
+            batching = "on" if health["config"]["max_batch"] > 1 else "off"
+            servers = [(health["strategy"], batching, url)]
+        else:
+            servers = [(strategy, batching, stack.enter_context(server_process(serve)))
+                       for strategy, batching, serve in _cells(args)]  # fmt: skip
+        for _, _, url in servers:
+            if args.warmup:
+                for clients in sorted({1, max(args.clients)}):
+                    asyncio.run(run_load(url, files, clients, args.warmup * clients))
+        runs: dict[tuple[int, int], list[LoadResult]] = {}
+        for round_ in range(args.rounds):
+            for clients in args.clients:
+                for k in range(len(servers)):
+                    s = (k + round_) % len(servers)
+                    strategy, batching, url = servers[s]
+                    result = measure(url, files, clients, args.requests, strategy, batching)
+                    runs.setdefault((s, clients), []).append(result)
+                    print(f"round {round_ + 1}: {result.row()}", file=sys.stderr, flush=True)
+    results = [combine(runs[(s, c)]) for s in range(len(servers)) for c in args.clients]
     print(HEADER)
     print("|" + "---|" * HEADER.count(" | ") + "---|")
-
-    def run_cells(url: str, strategy: str, batching: str) -> None:
-        if args.warmup:
-            asyncio.run(run_load(url, files, 1, args.warmup))
-        for clients in args.clients:
-            result = measure(url, files, clients, args.requests, strategy, batching)
-            results.append(result)
-            print(result.row(), flush=True)
-
-    if args.url:
-        config = _health(args.url)
-        batching = "on" if config["config"]["max_batch"] > 1 else "off"
-        run_cells(args.url.rstrip("/"), config["strategy"], batching)
-    else:
-        for strategy, batching, serve in _cells(args):
-            with server_process(serve) as url:
-                run_cells(url, strategy, batching)
+    for result in results:
+        print(result.row())
     if args.json:
-        rows = [{**asdict(r), "rps": r.rps} for r in results]
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
     return 1 if any(r.failed for r in results) else 0
 
 
