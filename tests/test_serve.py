@@ -36,9 +36,8 @@ OPTIONS = DecodingOptions(max_tokens_per_second=3.0, max_tokens_min=3)
 URL = "/v1/audio/transcriptions"
 
 
-@contextmanager
-def live_server(app) -> Iterator[str]:
-    """Run ``app`` on uvicorn in a thread, on a loopback port the OS picked; yields its URL."""
+def start_server(app) -> tuple[str, uvicorn.Server, threading.Thread]:
+    """Run ``app`` on uvicorn in a thread, on a loopback port the OS picked."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -49,12 +48,18 @@ def live_server(app) -> Iterator[str]:
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """``start_server`` for the length of a ``with`` block; yields the URL."""
+    url, server, thread = start_server(app)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout=20)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +296,23 @@ def test_engine_answers_each_request_when_its_sequence_ends(transcriber, tmp_pat
         )  # fmt: skip
     assert results[2].decoder_calls == 0
     assert order[2][1] - calls0 == max(results[0].decoder_calls, results[1].decoder_calls)
+
+
+def test_shutdown_finishes_requests_in_flight(transcriber, wavs):
+    """A request still waiting in the batcher when the server is told to stop gets its answer."""
+    config = ServeConfig(max_batch=4, max_wait_ms=1500)  # the request waits 1.5 s for company
+    url, server, thread = start_server(create_app(transcriber, OPTIONS, config))
+    expected = transcriber.transcribe(wavs[0], OPTIONS).text
+    with httpx.Client(base_url=url, timeout=60) as client:
+        box: dict = {}
+        sender = threading.Thread(target=lambda: box.update(r=_post(client, wavs[0])))
+        sender.start()
+        deadline = time.monotonic() + 10
+        while client.get("/health").json()["stats"]["queued"] == 0:
+            assert time.monotonic() < deadline, "the request never reached the queue"
+            time.sleep(0.01)
+        server.should_exit = True  # what SIGTERM / SIGINT do
+        sender.join(timeout=30)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert box["r"].status_code == 200 and box["r"].json() == {"text": expected}
