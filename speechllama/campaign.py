@@ -187,15 +187,21 @@ def select(rows: list[dict[str, Any]], spec: str, seed: int, where: str) -> list
     return kept
 
 
+def manifest_path(data: Path, name: str) -> Path:
+    """A spec's set name -> ``DATA/NAME/manifest.jsonl``; a name ending in ``.jsonl`` is a
+    manifest path itself (e.g. the part of a training set whose encoder outputs are cached)."""
+    return Path(name) if name.endswith(".jsonl") else data / name / "manifest.jsonl"
+
+
 def training_rows(protocol: Protocol, run: RunSpec, data: Path) -> list[dict[str, Any]]:
     """The run's training utterances: the filter over the protocol's ``train`` sets plus any
     ``add=SET`` sets (unfiltered, e.g. ``add=fsdd-train``), minus every ``exclude`` set."""
     added = [t.partition("=")[2] for t in run.filter.split() if t.startswith("add=")]
-    rows = [r for s in protocol.train for r in read_rows(data / s / "manifest.jsonl")]
+    rows = [r for s in protocol.train for r in read_rows(manifest_path(data, s))]
     rows = select(rows, run.filter, protocol.seed, f"run {run.name}")
-    rows += [r for s in added for r in read_rows(data / s / "manifest.jsonl")]
+    rows += [r for s in added for r in read_rows(manifest_path(data, s))]
     banned = {r["audio_filepath"] for s in protocol.exclude
-              for r in read_rows(data / s / "manifest.jsonl")}  # fmt: skip
+              for r in read_rows(manifest_path(data, s))}  # fmt: skip
     return [r for r in rows if r["audio_filepath"] not in banned]
 
 
@@ -225,7 +231,7 @@ def train_args(protocol: Protocol, run: RunSpec, s: Settings, manifest: Path) ->
     """The ``speechllama train`` arguments of one run (the protocol's, then the row's)."""
     out = s.exp / run.name / "model"
     args = [
-        "train", "--train", str(manifest), "--dev", str(s.data / protocol.dev / "manifest.jsonl"),
+        "train", "--train", str(manifest), "--dev", str(manifest_path(s.data, protocol.dev)),
         "--tokenizer", str(s.tokenizer), "--preset", protocol.preset, "--out", str(out),
         "--max-steps", str(protocol.steps), "--warmup", str(protocol.warmup),
         "--lr", str(protocol.lr), "--seed", str(protocol.seed),

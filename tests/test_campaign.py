@@ -167,13 +167,14 @@ def test_a_failed_run_costs_only_that_run(data: Path, tmp_path: Path) -> None:
                     .replace("[[eval]]\nset = \"digits\"\nlimit = 2\n", ""))  # fmt: skip
     exp = tmp_path / "exp"
     args = ["campaign", "run", str(spec), "--data", str(data), "--exp", str(exp), "--tokenizer",
-            str(data / "tok.model"), "--threads", "1", "--only", "espeak"]  # fmt: skip
+            str(data / "tok.model"), "--threads", "1", "--only", "espeak",
+            "--set", f'train=["{data / "train" / "manifest.jsonl"}"]']  # fmt: skip
     assert main(args) == 1
     assert not (exp / RESULTS).exists()
     assert "--bogus-flag" in (exp / "espeak" / "train.log").read_text()
 
 
-def test_lock_fsdd_takes_one_per_speaker_and_digit_and_is_idempotent(tmp_path: Path) -> None:
+def test_lock_fsdd_takes_the_last_take_of_each_speaker_and_digit(tmp_path: Path) -> None:
     rows = [
         {"audio_filepath": f"/f/{d}_{s}_{k}.wav", "text": str(d), "speaker": s, "duration": 0.5}
         for s in ("ann", "bob")
@@ -186,8 +187,10 @@ def test_lock_fsdd_takes_one_per_speaker_and_digit_and_is_idempotent(tmp_path: P
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert lock_fsdd(tmp_path) == (6, len(rows) - 6)
     locked = (tmp_path / "fsdd-locked" / "manifest.jsonl").read_text()
-    pairs = [(r["speaker"], r["text"]) for r in map(json.loads, locked.splitlines())]
-    assert sorted(pairs) == [(s, str(d)) for s in ("ann", "bob") for d in range(3)]
+    chosen = [json.loads(x) for x in locked.splitlines()]
+    assert [(r["speaker"], r["text"]) for r in chosen] == [(s, str(d)) for s in ("ann", "bob")
+                                                            for d in range(3)]  # fmt: skip
+    assert all(r["audio_filepath"].endswith("_3.wav") for r in chosen)  # the last take
     left = {json.loads(x)["audio_filepath"] for x in manifest.read_text().splitlines()}
     assert "/f/9_ann_0.wav" in left  # a speaker's only recording of a digit stays
     assert not left & {json.loads(x)["audio_filepath"] for x in locked.splitlines()}

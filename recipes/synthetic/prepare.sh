@@ -23,7 +23,7 @@
 # Stages:
 #   0  check the synthesis engines and the speechllama command
 #   1  real-smoke, fsdd-train, fsdd-test: import the shared manifest.tsv files (audio referenced);
-#      fsdd-locked: one recording per FSDD speaker and digit, seeded, moved out of fsdd-train
+#      fsdd-locked: each FSDD speaker's last take of each digit, moved out of fsdd-train
 #      (`speechllama campaign lock-fsdd`): real speech no training run and no choice sees
 #   2  text/: normalise the corpora, drop test sentences, hold out dev and held-out sentences
 #   3  train/: --hours of audio, training voices, varied speed and pitch
@@ -129,7 +129,7 @@ if run_stage 1; then
     mv "$imports/${pair%%:*}.jsonl" "$data/${pair#*:}/manifest.jsonl"
   done
   rmdir "$imports"
-  "$speechllama" campaign lock-fsdd "$data" --seed "$seed"
+  "$speechllama" campaign lock-fsdd "$data"
 fi
 
 if run_stage 2; then

@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help='change one protocol value (JSON value), e.g. steps=20 preset="tiny"',
+        help="change one protocol value (JSON value, repeatable), e.g. steps=20, preset=tiny, "
+        "'train=[\"/work/exp/train_cached.jsonl\"]' (a .jsonl name is a manifest path)",
     )
     r.set_defaults(func=_run)
     rep = sub.add_parser("report", help="render the results table and figure")
@@ -54,7 +55,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rep.set_defaults(func=_report)
     lock = sub.add_parser("lock-fsdd", help="DATA/fsdd-locked out of DATA/fsdd-train")
     lock.add_argument("data", type=Path, help="data folder")
-    lock.add_argument("--seed", type=int, default=0)
     lock.set_defaults(func=_lock)
 
 
@@ -63,7 +63,12 @@ def _run(args: argparse.Namespace) -> int:
     from speechllama.cli.train import parse_key_values
 
     protocol, runs = load_spec(args.spec)
-    protocol = dataclasses.replace(protocol, **parse_key_values(args.set, "--set"))
+    changes = parse_key_values(args.set, "--set")
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+    try:
+        protocol = dataclasses.replace(protocol, **changes)
+    except TypeError as exc:
+        raise ValueError(f"--set: {exc}") from exc
     settings = Settings(
         data=args.data,
         exp=args.exp,
@@ -92,6 +97,6 @@ def _report(args: argparse.Namespace) -> int:
 def _lock(args: argparse.Namespace) -> int:
     from speechllama.data.locked import LOCKED, SOURCE, lock_fsdd
 
-    locked, left = lock_fsdd(args.data, seed=args.seed)
+    locked, left = lock_fsdd(args.data)
     print(f"{args.data / LOCKED}: {locked} recordings; {args.data / SOURCE}: {left} left")
     return 0
