@@ -25,7 +25,7 @@ from speechllama.campaign import (
     training_rows,
 )
 from speechllama.campaign_report import END, START
-from speechllama.cli import main
+from speechllama.cli import build_parser, main
 from speechllama.data.locked import lock_fsdd
 from speechllama.text import train_tokenizer
 
@@ -221,3 +221,8 @@ def test_recipe_stage_8_runs_the_campaign_only_when_asked(tmp_path: Path) -> Non
     protocol, runs = load_spec(ROOT / "recipes" / "synthetic" / "conf" / "campaign.toml")
     assert protocol.steps > 0 and "fsdd-locked" in protocol.exclude
     assert len({r.name for r in runs}) == len(runs) >= 10
+    parser = build_parser()
+    for run in runs:  # argparse exits (SystemExit) on an unknown option
+        parsed = parser.parse_args(["train", "--train", "t", "--out", "o", "--preset", "small",
+                                    *protocol.extra, *run.extra])  # fmt: skip
+        assert parsed.command == "train"
