@@ -50,3 +50,19 @@ def test_model_set_values_parse_as_json() -> None:
     assert got == {"adapter.norm": "rms", "decoder.dropout": 0.2, "adapter.hidden": 768}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_key_values(["adapter.norm"], "--model-set")
+
+
+def test_a_checkpoint_with_the_norm_saves_and_loads(tmp_path) -> None:
+    from test_transcribe import SENTENCES
+
+    from speechllama.checkpoint import load_checkpoint, save_checkpoint
+    from speechllama.text import train_tokenizer
+
+    tok = train_tokenizer(SENTENCES, tmp_path / "t.model", vocab_size=40)
+    torch.manual_seed(0)
+    model = SpeechLLaMA(preset("tiny", tok.vocab_size).with_overrides({"adapter.norm": "rms"}))
+    with torch.no_grad():
+        model.adapter.norm.weight.mul_(3.0)  # a trained gain, not the initial one
+    save_checkpoint(model, tok, tmp_path / "ckpt")
+    loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
+    torch.testing.assert_close(loaded.adapter.norm.weight, model.adapter.norm.weight)

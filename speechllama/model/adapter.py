@@ -39,7 +39,7 @@ class Adapter(nn.Module):
     def match_scale(self, embed: torch.Tensor) -> None:
         """Start the output norm's gain at ``embed``'s RMS (the (V, d) token embeddings), so
         audio and text positions enter the decoder at the same scale."""
-        if self.norm is not None:
+        if self.norm is not None and not embed.is_meta:  # loading: the checkpoint sets it
             self.norm.weight.fill_(embed.float().pow(2).mean().sqrt().item())
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
