@@ -267,6 +267,20 @@ def test_loadtest_cell(server, wavs):
     assert result.row().count("|") == HEADER.count("|")
 
 
+def test_loadtest_command_against_running_server(server, wavs, capsys):
+    from speechllama.serve.loadtest import HEADER, main
+
+    argv = ["--url", server, "--clients", "1,2", "--requests", "3", "--rounds", "2",
+            "--warmup", "1", "--audio", *map(str, wavs[:2])]  # fmt: skip
+    assert main(argv) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == HEADER and len(table) == 4
+    assert [row.split(" | ")[:4] for row in table[2:]] == [
+        ["| greedy", "on", "1", "3"],
+        ["| greedy", "on", "2", "3"],
+    ]
+
+
 def test_engine_answers_each_request_when_its_sequence_ends(transcriber, tmp_path):
     """A short request leaves its batch before a long one ends, with exactly the result that
     ``transcribe`` gives it alone; silent audio takes the library's path (no decoder call)."""

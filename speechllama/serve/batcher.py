@@ -1,8 +1,8 @@
 """Dynamic batching across HTTP requests: concurrent requests share one batched decoder call.
 
-A multi-token decoder call costs little more for 8 rows than for 1 on a CPU (the weights are
-read once per call, not once per row), so requests that arrive close together are decoded as
-one batch instead of one after another. One worker thread owns the model: the event loop only
+A decoder call over several rows reads the weights once for all of them, so requests that
+arrive close together are decoded as one batch instead of one after another: one call per
+token (or block of tokens) serves the whole batch. One worker thread owns the model: the event loop only
 queues requests and awaits their futures, so torch never blocks it.
 
 How a batch forms: the worker waits for a first request, then keeps collecting until
