@@ -38,7 +38,7 @@ __all__ = ["LoadResult", "main", "run_load"]
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "audio"
 HEADER = (
-    "| strategy | batching | clients | requests | req/s | p50 ms | p90 ms | p99 ms "
+    "| strategy | batching | clients | requests | req/s (rounds' range) | p50 ms | p90 ms | p99 ms "
     "| mean batch | batched calls/request | failed |"
 )
 
@@ -60,11 +60,16 @@ class LoadResult:
     calls_per_request: float
     failed: int
     rounds: int = 1
+    rps_low: float = 0.0  # the slowest and fastest round's req/s (rounds > 1)
+    rps_high: float = 0.0
 
     def row(self) -> str:
+        rps = f"{self.rps:.2f}"
+        if self.rounds > 1:
+            rps += f" ({self.rps_low:.1f}-{self.rps_high:.1f})"
         return (
             f"| {self.strategy} | {self.batching} | {self.clients} | {self.requests} "
-            f"| {self.rps:.2f} | {self.p50_ms:.0f} | {self.p90_ms:.0f} | {self.p99_ms:.0f} "
+            f"| {rps} | {self.p50_ms:.0f} | {self.p90_ms:.0f} | {self.p99_ms:.0f} "
             f"| {self.mean_batch:.2f} | {self.calls_per_request:.1f} | {self.failed} |"
         )
 
@@ -230,7 +235,8 @@ def _cells(args: argparse.Namespace) -> Iterator[tuple[str, str, list[str]]]:
 
 
 def combine(runs: Sequence[LoadResult]) -> LoadResult:
-    """One cell from several rounds: median rate and percentiles, pooled batch counters."""
+    """One cell from several rounds: medians of the rate, percentiles and batch counters,
+    and the slowest and fastest round's rate."""
 
     def med(name: str) -> float:
         return float(np.median([getattr(r, name) for r in runs]))
@@ -245,6 +251,8 @@ def combine(runs: Sequence[LoadResult]) -> LoadResult:
         calls_per_request=med("calls_per_request"),
         failed=sum(r.failed for r in runs),
         rounds=len(runs),
+        rps_low=min(r.rps for r in runs),
+        rps_high=max(r.rps for r in runs),
     )
 
 
