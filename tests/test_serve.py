@@ -75,7 +75,7 @@ def wavs(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def server(transcriber) -> Iterator[str]:
-    config = ServeConfig(max_batch=16, max_wait_ms=300, max_upload_mb=0.1, max_audio_s=2.0)
+    config = ServeConfig(max_batch=16, max_wait_ms=100, max_upload_mb=0.1, max_audio_s=2.0)
     with live_server(create_app(transcriber, OPTIONS, config)) as url:
         yield url
 
@@ -209,9 +209,11 @@ class _Slow:
     def __init__(self) -> None:
         self.decoder_calls = 0
         self.gate = threading.Event()
+        self.gate_reached = threading.Event()
         self.batches: list[int] = []
 
     def run(self, waves, on_result) -> None:
+        self.gate_reached.set()
         self.gate.wait(10)
         self.batches.append(len(waves))
         self.decoder_calls += 1
@@ -228,11 +230,15 @@ def test_batcher_overload_isolation_and_drain():
         batcher = Batcher(fake, max_batch=4, max_wait=0.05, max_queue=3)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(np.zeros(1, np.float32)))
-        await asyncio.sleep(0.2)  # the worker took it and waits at the gate
+        for _ in range(1000):  # until the worker has taken it (it then waits at the gate)
+            await asyncio.sleep(0.01)
+            if batcher.waiting == 0 and fake.gate_reached.is_set():
+                break
         queued = [
             asyncio.ensure_future(batcher.submit(np.zeros(n, np.float32))) for n in (2, 3)
         ] + [asyncio.ensure_future(batcher.submit(np.full(4, np.nan, np.float32)))]
         await asyncio.sleep(0.05)
+        assert batcher.waiting == 3
         with pytest.raises(Overloaded) as over:
             await batcher.submit(np.zeros(5, np.float32))
         assert over.value.retry_after >= 1
@@ -270,14 +276,14 @@ def test_loadtest_cell(server, wavs):
 def test_loadtest_command_against_running_server(server, wavs, capsys):
     from speechllama.serve.loadtest import HEADER, main
 
-    argv = ["--url", server, "--clients", "1,2", "--requests", "3", "--rounds", "2",
-            "--warmup", "1", "--audio", *map(str, wavs[:2])]  # fmt: skip
+    argv = ["--url", server, "--clients", "1,2", "--requests", "2", "--rounds", "2",
+            "--warmup", "0", "--audio", *map(str, wavs[:2])]  # fmt: skip
     assert main(argv) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0] == HEADER and len(table) == 4
     assert [row.split(" | ")[:4] for row in table[2:]] == [
-        ["| greedy", "on", "1", "3"],
-        ["| greedy", "on", "2", "3"],
+        ["| greedy", "on", "1", "2"],
+        ["| greedy", "on", "2", "2"],
     ]
 
 
