@@ -336,3 +336,19 @@ def test_shutdown_finishes_requests_in_flight(transcriber, wavs):
     thread.join(timeout=30)
     assert not thread.is_alive()
     assert box["r"].status_code == 200 and box["r"].json() == {"text": expected}
+
+
+@pytest.mark.parametrize("strategy", ["verify", "threshold", "tree", "beam", "prefix-beam"])
+def test_engine_matches_transcribe_for_every_strategy(transcriber, wavs, strategy):
+    """Batched in the server or alone in ``transcribe``: the same tokens and calls (the beam
+    searches, which choose their tokens at the end, answer at the end of the batch)."""
+    from speechllama.audio import load_audio
+    from speechllama.serve.engine import Engine
+
+    options = DecodingOptions(strategy=strategy, max_tokens_per_second=3.0, max_tokens_min=3)
+    waves = [load_audio(w) for w in wavs[:3]]
+    got: dict[int, DecodingResult] = {}
+    Engine(transcriber, options).run(waves, got.__setitem__)
+    for i, wave in enumerate(waves):
+        alone = transcriber.transcribe(wave, options)
+        assert (got[i].tokens, got[i].decoder_calls) == (alone.tokens, alone.decoder_calls)
