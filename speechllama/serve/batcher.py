@@ -2,8 +2,8 @@
 
 A decoder call over several rows reads the weights once for all of them, so requests that
 arrive close together are decoded as one batch instead of one after another: one call per
-token (or block of tokens) serves the whole batch. One worker thread owns the model: the event loop only
-queues requests and awaits their futures, so torch never blocks it.
+token (or block of tokens) serves the whole batch. One worker thread owns the model: the
+event loop only queues requests and awaits their futures, so torch never blocks it.
 
 How a batch forms: the worker waits for a first request, then keeps collecting until
 ``max_wait`` seconds have passed since that request arrived or ``max_batch`` requests are in
