@@ -204,6 +204,14 @@ class DecodingState:
         self.retired = []
         self.scratch = {}
 
+    def finished_rows(self) -> list[dict[str, Any]]:
+        """Every finished row, in the batch or set aside by :meth:`compact`, as
+        {field: value} with ``origin`` its index in the original batch: what a caller that
+        answers each sequence as soon as it ends (the server) reads between decoder calls."""
+        rows = [dict(zip(_ROW_FIELDS, row, strict=True)) for row in self.retired]
+        rows += [dict(zip(_ROW_FIELDS, self._row(b), strict=True)) for b in range(self.batch_size)]
+        return [row for row in rows if row["finished"]]
+
     def _row(self, b: int) -> tuple[Any, ...]:
         return tuple(getattr(self, name)[b] for name in _ROW_FIELDS)
 

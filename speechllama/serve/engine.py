@@ -33,7 +33,7 @@ import torch
 from speechllama.audio import MAX_SECONDS
 from speechllama.decoding import DecodingOptions, DecodingResult, get_strategy
 from speechllama.decoding.base import Decoded, Strategy, decode
-from speechllama.decoding.state import _ROW_FIELDS, DecodingState
+from speechllama.decoding.state import DecodingState
 from speechllama.features import compute_features, feature_frames
 from speechllama.segment import is_silent
 from speechllama.transcribe import MIN_SPEECH_SECONDS, SAMPLE_RATE
@@ -190,15 +190,9 @@ class _Reporting(Strategy):
         return self.inner.finalize(state)
 
     def _report(self, state: DecodingState) -> None:
-        rows = [dict(zip(_ROW_FIELDS, row, strict=True)) for row in state.retired]
-        rows += [
-            {name: getattr(state, name)[b] for name in _ROW_FIELDS}
-            for b in range(state.batch_size)
-            if state.finished[b]
-        ]
-        for row in rows:
+        for row in state.finished_rows():
             origin = row["origin"]
-            if row["finished"] and origin not in self.reported:
+            if origin not in self.reported:
                 self.reported.add(origin)
                 self.on_finished(
                     origin,
