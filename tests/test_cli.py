@@ -63,7 +63,7 @@ def test_transcribe_stats_go_to_stderr_and_add_up(ckpt, wavs, capsys):
     captured = capsys.readouterr()
     assert code == 0 and len(captured.out.splitlines()) == len(wavs)  # stdout unchanged
     results = load_model(ckpt).transcribe(wavs)
-    for wav, r in zip(wavs, results):
+    for wav, r in zip(wavs, results, strict=True):
         assert f"{wav}: {r.decoder_calls} decoder calls, {len(r.tokens)} tokens" in captured.err
     calls, tokens = sum(r.decoder_calls for r in results), sum(len(r.tokens) for r in results)
     assert f"{calls} decoder calls for {tokens} tokens" in captured.err.splitlines()[-1]
