@@ -3,6 +3,10 @@
 # multi-token heads). Sourced by run.sh; override any value with --conf FILE (a copy of this
 # file) or, for one run, VAR=value in the environment (e.g. NT_STEPS=100 run.sh ...).
 # Every value here is used by run.sh and by nothing else.
+#
+# Adopted from the accuracy campaign (docs/accuracy.md, one measured row each): every voice
+# engine including the neural hibari voices; fsdd-train mixed in (stage 1's manifest) minus the
+# locked takes; CTC on the adapter at weight 0.3 (the preset); no adapter output norm.
 
 # --- stage 1: data (recipes/synthetic/prepare.sh) --------------------------------------------
 : "${HOURS:=50}"                 # synthetic training audio in hours
