@@ -42,6 +42,7 @@ from typing import Any
 
 import tomllib
 
+from speechllama.resultlog import read_rows as read_log
 from speechllama.resultlog import replace_rows
 
 RESULTS = "results.jsonl"
@@ -206,10 +207,7 @@ def training_rows(protocol: Protocol, run: RunSpec, data: Path) -> list[dict[str
 
 
 def load_results(exp: Path) -> list[dict[str, Any]]:
-    path = exp / RESULTS
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    return read_log(exp / RESULTS)[0]
 
 
 @dataclass(frozen=True)
@@ -257,13 +255,10 @@ def _call(s: Settings, args: Sequence[str], log: Path) -> int:
 
 def _dev_ce(model_dir: Path) -> float | None:
     """The last dev cross-entropy the training loop logged."""
-    path = model_dir / "metrics.jsonl"
     ce = None
-    if path.is_file():
-        for line in path.read_text("utf-8").splitlines():
-            row = json.loads(line) if line.strip() else {}
-            if row.get("event") == "eval" and "dev_ce" in row:
-                ce = float(row["dev_ce"])
+    for row in read_log(model_dir / "metrics.jsonl")[0]:  # a killed run may end in a torn line
+        if row.get("event") == "eval" and "dev_ce" in row:
+            ce = float(row["dev_ce"])
     return ce
 
 
