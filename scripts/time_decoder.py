@@ -87,7 +87,7 @@ def build(name: str, vocab: int) -> tuple[SpeechLLaMA, str]:
 def load(path: str) -> tuple[SpeechLLaMA, str]:
     from speechllama.checkpoint import load_checkpoint
 
-    model, _, _ = load_checkpoint(path)
+    model, _, _ = load_checkpoint(path, merge_lora=True)
     return model, f"checkpoint, heads {model.config.heads.kind} x {model.config.heads.num_heads}"
 
 

@@ -176,8 +176,13 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any, dict]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", merge_lora: bool = False
+) -> tuple[Any, Any, dict]:
     """Load a checkpoint directory -> ``(SpeechLLaMA in eval mode, Tokenizer, config.json dict)``.
+
+    ``merge_lora``: fold the decoder's LoRA deltas into its weights (inference: a decoder call
+    then costs what it cost without LoRA); the model can then no longer be trained or saved.
 
     The config is validated before any tensor is allocated; tensor names and shapes are checked
     against the model before any is copied. A sourced encoder or LLM decoder (and its
@@ -229,6 +234,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         load_encoder_weights(model.encoder, config.encoder.source)
     if sourced_llm:
         load_sourced_decoder(model, fresh=False)
+    if merge_lora:
+        from speechllama.model.lora import merge_lora as merge
+
+        merge(model.decoder)
     model.to(device).eval()
     return model, tokenizer, doc
 

@@ -13,6 +13,7 @@ The function is idempotent: ``normalize(normalize(s)) == normalize(s)``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -30,6 +31,7 @@ __all__ = [
     "normalize",
     "read_lines",
     "target_ids",
+    "tokenizer_id",
     "train_tokenizer",
 ]
 
@@ -194,6 +196,15 @@ class TokenizerLike(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def tokenizer_id(tokenizer: TokenizerLike) -> str:
+    """What identifies a tokenizer: the SentencePiece model's bytes (hashed), or the pretrained
+    LLM file a BPE tokenizer is read from (its vocabulary is that file's)."""
+    proto = getattr(tokenizer, "model_proto", None)
+    if proto is not None:
+        return hashlib.sha256(proto).hexdigest()
+    return f"source:{tokenizer.source}"  # type: ignore[attr-defined]
 
 
 class Tokenizer:

@@ -395,11 +395,14 @@ def resolve_model_dir(name_or_path: str | os.PathLike | None) -> Path:
     raise FileNotFoundError(f"{name}: no such model directory or bundled model name")
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu") -> Transcriber:
+def load_model(
+    name_or_path: str | os.PathLike | None = None, device: str = "cpu", merge_lora: bool = True
+) -> Transcriber:
     """Load a checkpoint directory (config.json + model.safetensors + tokenizer.model) or a
     bundled model by name (None or ``"default"``: the default model). A sourced preset name
     (``"smollm"``) with no bundled checkpoint builds that preset from its installed packages,
-    adapter and heads untrained (``meta`` is then ``{"preset": name}``)."""
+    adapter and heads untrained (``meta`` is then ``{"preset": name}``). ``merge_lora``: fold
+    LoRA deltas into the decoder (faster calls; False keeps them apart, e.g. to count them)."""
     from speechllama.checkpoint import load_checkpoint
     from speechllama.model.config import SOURCED_PRESETS
 
@@ -412,5 +415,5 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
 
         model, tokenizer = model_from_preset(name_or_path, device=device)
         return Transcriber(model, tokenizer, {"preset": name_or_path})
-    model, tokenizer, meta = load_checkpoint(path, device=device)
+    model, tokenizer, meta = load_checkpoint(path, device=device, merge_lora=merge_lora)
     return Transcriber(model, tokenizer, meta)

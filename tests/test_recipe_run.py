@@ -111,6 +111,27 @@ def test_real_run_writes_markers_and_guards_mwer(tmp_path):
     assert len(log.read_text().splitlines()) == calls
 
 
+def test_smollm_conf_trains_adapter_then_lora_then_heads(tmp_path):
+    """conf/smollm.sh: no tokenizer stage (the LLM's own), the adapter alone with the LLM's
+    head, then LoRA from that, heads from the LoRA model, no MWER, exported beside the default."""
+    p = _run(
+        "--data", "D", "--exp", str(tmp_path / "exp"), "--conf", str(CONF.parent / "smollm.sh")
+    )
+    assert p.returncode == 0, p.stderr
+    assert "no tokenizer to train" in p.stderr and "no MWER fine-tuning" in p.stderr
+    cmds = _commands(p.stdout)
+    assert not any("tokenizer" in c for c in cmds)
+    want = [
+        r"train --train .*--preset smollm --heads 1 --head-kind linear --bf16 .*--out .*/nt$",
+        r"--init .*/nt/best --model-set decoder\.lora_rank=4 .*--out .*/nt_lora$",
+        r"--init .*/nt_lora/best --heads 4 --head-kind latent .*--no-hidden-cache --out .*/mtp$",
+        r"evaluate D/real-smoke/manifest\.jsonl --model .*/mtp/best ",
+        r"export .*/mtp/best --dtype float16 --out .*/speechllama/models/smollm$",
+    ]
+    for pattern in want:
+        assert any(re.search(pattern, c) for c in cmds), pattern
+
+
 def test_every_hyper_parameter_lives_in_the_config():
     script, conf = SCRIPT.read_text(), CONF.read_text()
     defined = set(re.findall(r'^: "\$\{([A-Z_]+):=', conf, flags=re.M))

@@ -193,7 +193,7 @@ def test_transcribe_runs_end_to_end(loaded) -> None:
 def test_info_prints_parts_frozen_and_trainable(loaded, monkeypatch, capsys) -> None:
     from speechllama.cli import main
 
-    monkeypatch.setattr("speechllama.transcribe.load_model", lambda name, device="cpu": loaded)
+    monkeypatch.setattr("speechllama.transcribe.load_model", lambda name, **_: loaded)
     assert main(["info", "--model", "smollm"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("model: preset smollm")
@@ -218,3 +218,42 @@ def test_mismatched_decoder_is_refused() -> None:
         load_gguf_decoder(small, SMOLLM2_135M)
     with pytest.raises(GGUFError, match=r"does not exist"):
         gguf_path("/nonexistent/model.gguf")
+
+
+def test_lora_checkpoint_stores_only_the_deltas(loaded, tmp_path: Path) -> None:
+    """LoRA on the frozen LLM: a fresh delta leaves its logits bitwise alone; a checkpoint holds
+    adapter, heads' maps and the low-rank factors (never the LLM), and loads back exactly, merged
+    for inference or not."""
+    import copy
+
+    from speechllama.model.lora import is_lora_name, lora_parameters
+    from speechllama.train.build import with_lora
+
+    model = copy.deepcopy(loaded.model)
+    tok = loaded.tokenizer
+    ids = _ids(tok, PROMPT)
+    with torch.no_grad():
+        before = model.decoder.forward_train(model.decoder.embed(ids))
+        with_lora(model, {"decoder.lora_rank": 4})
+        assert torch.equal(model.decoder.forward_train(model.decoder.embed(ids)), before)
+        for p in lora_parameters(model.decoder):
+            p.add_(0.01 * torch.randn_like(p))
+        expected = model.decoder.forward_train(model.decoder.embed(ids))
+    out = save_checkpoint(model, tok, tmp_path / "lora")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    decoder_keys = {k for k in stored if k.startswith("decoder.")}
+    assert decoder_keys and all(is_lora_name(k) for k in decoder_keys)
+    assert len(decoder_keys) == 2 * 7 * 30
+    assert (out / "model.safetensors").stat().st_size < 16e6  # 2.5M + 1.2M rank-4 factors, fp32
+    for merge in (False, True):
+        again, _, _ = load_checkpoint(out, merge_lora=merge)
+        assert again.config.decoder.lora_rank == 4
+        assert not any(p.requires_grad for n, p in again.decoder.named_parameters()
+                       if not is_lora_name(n))  # fmt: skip
+        with torch.no_grad():
+            got = again.decoder.forward_train(again.decoder.embed(ids))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        del again

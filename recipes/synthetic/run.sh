@@ -8,6 +8,7 @@
 #   recipes/synthetic/run.sh --data /work/data/synthetic --exp exp/small
 #   DRY_RUN=1 recipes/synthetic/run.sh                         # print the commands, run nothing
 #   recipes/synthetic/run.sh --stage 8 --stop-stage 8          # the accuracy campaign only
+#   recipes/synthetic/run.sh --conf recipes/synthetic/conf/smollm.sh --exp exp/smollm  # SmolLM2
 #   NT_STEPS=100 MTP_STEPS=50 recipes/synthetic/run.sh --exp exp/smoke   # one value changed
 #
 # Options (defaults in brackets):
@@ -23,15 +24,19 @@
 # delete the marker to run it again; training stages continue from their last checkpoint):
 #   1  data: recipes/synthetic/prepare.sh DATA --hours HOURS; train+fsdd-train manifest
 #   2  tokenizer: SentencePiece (VOCAB_SIZE) on DATA/text/train.txt -> EXP/tokenizer.model
-#   3  next-token pre-training of PRESET from scratch (frozen encoder, outputs cached) -> EXP/nt
-#   4  multi-token training: EXP/nt/best with HEADS HEAD_KIND heads -> EXP/mtp
+#      (skipped for a preset whose decoder is a pretrained LLM: it writes that LLM's tokens)
+#   3  next-token pre-training of PRESET from scratch (frozen encoder, outputs cached) -> EXP/nt;
+#      for a pretrained-LLM preset the LLM is frozen, so this trains the adapter alone; then,
+#      with LORA_RANK > 0, LORA_STEPS more with LoRA deltas on the LLM -> EXP/nt_lora
+#   4  multi-token training: stage 3's best with HEADS HEAD_KIND heads -> EXP/mtp
 #   5  MWER fine-tuning of EXP/mtp/best -> EXP/mwer (skipped, with a note, when this
 #      speechllama has no `train --mwer`); the final model is EXP/mwer/best, else EXP/mtp/best
 #   6  evaluate the final model on EVAL_SETS with each EVAL_DECODING -> EXP/eval/SET/DECODING,
 #      `speechllama bench` on BENCH_SET -> EXP/bench.{txt,json,png}, and the peers
 #      (scripts/peers.py, needs the `peers` extra) -> EXP/peers.{txt,json}, and pocketsphinx
 #      with a digit grammar on fsdd-test -> EXP/peers-digits.{txt,json}
-#   7  export the final model (EXPORT_DTYPE) into the package: speechllama/models/default
+#   7  export the final model (EXPORT_DTYPE) into the package: EXPORT_DIR (default:
+#      speechllama/models/default, the model loaded without --model)
 #   8  (only when asked: --stop-stage 8) the accuracy campaign: every run of the --campaign
 #      file not finished yet trains PRESET-from-scratch for the file's fixed budget on its
 #      filtered data (EXP/tokenizer.model, EXP/encoder_cache shared), is scored greedy on the
@@ -133,7 +138,10 @@ finish() {
 
 # Options shared by the training stages; --resume continues an interrupted run (and starts
 # afresh when there is nothing to resume).
-common=(--dev "$dev" --tokenizer "$tokenizer" --max-duration "$MAX_DURATION"
+# A pretrained-LLM preset (VOCAB_SIZE=llm) brings its own tokenizer.
+llm_tokens=""; tokenizer_args=(--tokenizer "$tokenizer")
+if [ "$VOCAB_SIZE" = llm ]; then llm_tokens=1; tokenizer_args=(); fi
+common=(--dev "$dev" "${tokenizer_args[@]}" --max-duration "$MAX_DURATION"
         --eval-every "$EVAL_EVERY" --eval-utterances "$EVAL_UTTERANCES"
         --save-every "$SAVE_EVERY" --log-every "$LOG_EVERY" --seed "$SEED"
         --threads "$THREADS" --cache-dir "$exp/encoder_cache" --no-progress --resume)
@@ -150,26 +158,42 @@ if want 1 "data in $data (prepare.sh, $HOURS h) and the training manifest"; then
   finish 1
 fi
 
-if want 2 "tokenizer ($VOCAB_SIZE pieces) -> $tokenizer"; then
+if [ -n "$llm_tokens" ]; then
+  log "Stage 2: $PRESET writes its pretrained LLM's tokens; no tokenizer to train"
+elif want 2 "tokenizer ($VOCAB_SIZE pieces) -> $tokenizer"; then
   run "$speechllama" tokenizer train --text "$data/text/train.txt" --vocab-size "$VOCAB_SIZE" \
     --out "$tokenizer"
   finish 2
 fi
 
+# Stage 3's model: the LoRA run's when there is one.
+nt=$exp/nt
+[ "${LORA_RANK:-0}" -gt 0 ] && nt=$exp/nt_lora
+
 if want 3 "next-token pre-training of $PRESET, $NT_STEPS steps -> $exp/nt"; then
   run "$speechllama" train --train "$train_manifest" "${common[@]}" --preset "$PRESET" \
+    ${NT_HEADS:+--heads $NT_HEADS} ${NT_HEAD_KIND:+--head-kind $NT_HEAD_KIND} ${NT_BF16:+--bf16} \
     --max-steps "$NT_STEPS" --warmup "$NT_WARMUP" --lr "$NT_LR" --out "$exp/nt"
+  if [ "${LORA_RANK:-0}" -gt 0 ]; then
+    run "$speechllama" train --train "$train_manifest" "${common[@]}" --init "$exp/nt/best" \
+      --model-set "decoder.lora_rank=$LORA_RANK" --model-set "decoder.lora_alpha=$LORA_ALPHA" \
+      ${NT_BF16:+--bf16} --max-steps "$LORA_STEPS" --warmup "$LORA_WARMUP" --lr "$LORA_LR" \
+      --out "$exp/nt_lora"
+  fi
   finish 3
 fi
 
 if want 4 "multi-token training, $HEADS $HEAD_KIND heads, $MTP_STEPS steps -> $exp/mtp"; then
-  run "$speechllama" train --train "$train_manifest" "${common[@]}" --init "$exp/nt/best" \
+  run "$speechllama" train --train "$train_manifest" "${common[@]}" --init "$nt/best" \
     --heads "$HEADS" --head-kind "$HEAD_KIND" --max-steps "$MTP_STEPS" --warmup "$MTP_WARMUP" \
-    --lr "$MTP_LR" ${MTP_FREEZE:+--freeze $MTP_FREEZE} --out "$exp/mtp"
+    --lr "$MTP_LR" ${MTP_FREEZE:+--freeze $MTP_FREEZE} ${NT_BF16:+--bf16} \
+    ${MTP_NO_HIDDEN_CACHE:+--no-hidden-cache} --out "$exp/mtp"
   finish 4
 fi
 
-if want 5 "MWER fine-tuning, $MWER_STEPS steps -> $exp/mwer"; then
+if [ "$MWER_STEPS" -eq 0 ]; then
+  log "Stage 5: MWER_STEPS=0, no MWER fine-tuning; the final model is $exp/mtp/best"
+elif want 5 "MWER fine-tuning, $MWER_STEPS steps -> $exp/mwer"; then
   if [ -z "$dry_run" ] && ! "$speechllama" train --help 2>/dev/null | grep -q -- '--mwer'; then
     log "Stage 5: this speechllama has no 'train --mwer' (MWER fine-tuning); skipped, so the" \
         "final model is $exp/mtp/best. Update speechllama and rerun from stage 5 to add it."
@@ -183,7 +207,8 @@ fi
 
 # The model stages 6 and 7 use: MWER's when stage 5 made one, else the multi-token model's.
 final=$exp/mtp/best
-if [ -d "$exp/mwer/best" ] || { [ -n "$dry_run" ] && [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; }; then
+if [ -d "$exp/mwer/best" ] || { [ -n "$dry_run" ] && [ "$MWER_STEPS" -gt 0 ] \
+    && [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; }; then
   final=$exp/mwer/best
 fi
 
@@ -209,8 +234,8 @@ if want 6 "evaluate $final on $EVAL_SETS; bench on $BENCH_SET; peers"; then
   finish 6
 fi
 
-if want 7 "export $final ($EXPORT_DTYPE) into the package"; then
-  run "$speechllama" export "$final" --dtype "$EXPORT_DTYPE"
+if want 7 "export $final ($EXPORT_DTYPE) into the package${EXPORT_DIR:+: $EXPORT_DIR}"; then
+  run "$speechllama" export "$final" --dtype "$EXPORT_DTYPE" ${EXPORT_DIR:+--out "$repo/$EXPORT_DIR"}
   finish 7
 fi
 

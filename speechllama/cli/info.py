@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model_dir and args.model and args.model_dir != args.model:
         raise ValueError("give the model either as MODEL_DIR or with --model, not both")
     name = args.model_dir or args.model
-    loaded = load_model(name)
+    loaded = load_model(name, merge_lora=False)  # LoRA factors counted as their own part
     preset = loaded.meta.get("preset")
     if preset:  # built by name: no checkpoint directory behind it
         print(f"model: preset {preset} (pretrained parts from installed packages; "

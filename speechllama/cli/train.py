@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from speechllama.model.config import PRESETS
+from speechllama.model.config import PRESETS, SOURCED_PRESETS
 
 _EPILOG = """examples:
   speechllama train --train data/train.jsonl --dev data/dev.jsonl --text data/text.txt \\
@@ -54,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     model = p.add_argument_group("model")
     start = model.add_mutually_exclusive_group(required=True)
-    start.add_argument("--preset", choices=PRESETS, help="train this preset from scratch")
+    start.add_argument(
+        "--preset", choices=(*PRESETS, *SOURCED_PRESETS), help="train this preset from scratch"
+    )
     start.add_argument("--init", metavar="CKPT", help="fine-tune this checkpoint directory")
     model.add_argument(
         "--heads",

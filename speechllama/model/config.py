@@ -86,6 +86,11 @@ class DecoderConfig:
     # :mod:`speechllama.model.gguf_llama`) or a path to a .gguf file; the tokenizer then comes
     # from there too. None: the weights live in model.safetensors.
     source: str | None = None
+    # Low-rank deltas (LoRA, :mod:`speechllama.model.lora`) on these linear layers of every
+    # block; rank 0: none. Meant for a frozen ``source`` LLM; alpha <= 0 means alpha = rank.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
     @property
     def head_dim(self) -> int:

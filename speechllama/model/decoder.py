@@ -339,6 +339,10 @@ class LlamaDecoder(nn.Module):
         for module in self.modules():  # LLaMA's init: N(0, 0.02) keeps tied logits small
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
+        if cfg.lora_rank > 0:
+            from speechllama.model.lora import add_lora
+
+            add_lora(self, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
 
     def new_cache(
         self,

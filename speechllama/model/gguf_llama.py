@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from speechllama.model.config import DecoderConfig
+from speechllama.model.lora import base_name, is_lora_name
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -224,7 +225,9 @@ def load_gguf_decoder(decoder: LlamaDecoder, source: str) -> torch.Tensor | None
     differ = [f for f in STRUCTURAL if getattr(cfg, f) != getattr(decoder.cfg, f)]
     if differ:
         raise GGUFError(f"{origin}: the file's {', '.join(differ)} differ from the decoder's")
-    own = decoder.state_dict()
+    # A LoRA decoder keeps its base weights under ``...parametrizations.weight.original``; the
+    # deltas (``is_lora_name``) are ours, not the file's.
+    own = {base_name(k): v for k, v in decoder.state_dict().items() if not is_lora_name(k)}
     found: dict[str, Any] = {}
     for tensor in reader.tensors:
         key = _our_name(tensor.name)

@@ -17,6 +17,7 @@ import torch
 from speechllama.model.config import SOURCED_PRESETS, ModelConfig, preset
 from speechllama.model.decoder import LlamaDecoder
 from speechllama.model.gguf_llama import load_gguf_decoder
+from speechllama.model.lora import is_lora_name, lora_parameters
 from speechllama.model.speechllama import SpeechLLaMA
 from speechllama.tokenizer_bpe import BPETokenizer
 
@@ -46,7 +47,8 @@ def sourced_decoder_names(config: ModelConfig) -> set[str]:
         return set()
     with torch.device("meta"):  # names only: allocating the LLM to list them would cost seconds
         names = LlamaDecoder(config.decoder).state_dict()
-    return {f"decoder.{name}" for name in names} | {"heads.proj.weight"}
+    llm = {f"decoder.{name}" for name in names if not is_lora_name(name)}
+    return llm | {"heads.proj.weight"}
 
 
 @torch.no_grad()
@@ -69,6 +71,8 @@ def load_sourced_decoder(model: SpeechLLaMA, fresh: bool) -> None:
         heads.proj.weight.copy_(lm_head)
     model.decoder.requires_grad_(False)
     heads.proj.weight.requires_grad_(False)
+    for delta in lora_parameters(model.decoder):  # LoRA factors are ours: saved, so trainable
+        delta.requires_grad_(True)
 
 
 def source_tokenizer(config: ModelConfig) -> BPETokenizer:

@@ -205,20 +205,23 @@ class SpeechLLaMA(nn.Module):
 
     def num_parameters(self) -> dict[str, dict[str, int]]:
         """``{part: {"trainable": n, "frozen": n}}`` for encoder, adapter, decoder, heads and
-        (if present) ctc_head. A weight shared by two parts (tied output layer) is counted once,
-        under the first: the decoder."""
+        (if present) ctc_head, and ``decoder_lora`` for LoRA factors (an unmerged LoRA model):
+        those are trained while the decoder they adapt may be frozen. A weight shared by two
+        parts (tied output layer) is counted once, under the first: the decoder."""
+        from speechllama.model.lora import is_lora_name
+
         seen: set[int] = set()
         parts: dict[str, dict[str, int]] = {}
         for name in ("encoder", "adapter", "decoder", "heads", "ctc_head"):
             module = getattr(self, name)
             if module is None:
                 continue
-            counts = {"trainable": 0, "frozen": 0}
-            for p in module.parameters():
+            for pname, p in module.named_parameters():
+                part = "decoder_lora" if is_lora_name(pname) else name
+                counts = parts.setdefault(part, {"trainable": 0, "frozen": 0})
                 if id(p) not in seen:
                     seen.add(id(p))
                     counts["trainable" if p.requires_grad else "frozen"] += p.numel()
-            parts[name] = counts
         return parts
 
     @staticmethod

@@ -17,7 +17,7 @@ import torch
 
 from speechllama.checkpoint import load_checkpoint
 from speechllama.model.config import ModelConfig, preset
-from speechllama.text import Tokenizer, read_lines, train_tokenizer
+from speechllama.text import Tokenizer, read_lines, tokenizer_id, train_tokenizer
 
 
 def resolve_tokenizer(
@@ -60,10 +60,15 @@ def build_model(
     from speechllama.model.speechllama import SpeechLLaMA
 
     if init is not None:
-        if overrides:
-            raise ValueError("--model-set changes a preset; a --init checkpoint keeps its config")
+        if overrides and not all(k.startswith(LORA_KEYS) for k in overrides):
+            raise ValueError(
+                "--model-set changes a preset; a --init checkpoint keeps its config (except "
+                "decoder.lora_rank/lora_alpha/lora_targets, which add LoRA to its decoder)"
+            )
         model, tok, _ = load_checkpoint(init)
-        if tokenizer is not None and tokenizer.model_proto != tok.model_proto:
+        if overrides:
+            model = with_lora(model, overrides)
+        if tokenizer is not None and tokenizer_id(tokenizer) != tokenizer_id(tok):
             raise ValueError(f"{init}: --tokenizer differs from the checkpoint's tokenizer")
         if heads:
             from speechllama.model.heads import expand_heads
@@ -87,7 +92,34 @@ def build_model(
         from speechllama.model.weights import load_encoder_weights
 
         load_encoder_weights(model.encoder, cfg.encoder.source)
+    if cfg.decoder.source is not None:
+        # A pretrained LLM (``smollm``): loaded and frozen; the adapter, the heads' maps and
+        # LoRA factors (``decoder.lora_rank``) train. Latent maps start as the identity, so
+        # head 1 is the LLM's own output layer from step 0.
+        from speechllama.model.sourced import load_sourced_decoder
+
+        load_sourced_decoder(model, fresh=True)
     return model.train(), tokenizer
+
+
+LORA_KEYS = ("decoder.lora_rank", "decoder.lora_alpha", "decoder.lora_targets")
+
+
+def with_lora(model: torch.nn.Module, overrides: dict[str, Any]) -> torch.nn.Module:
+    """``model`` (a trained checkpoint) with fresh LoRA deltas on its decoder, as ``overrides``
+    (``decoder.lora_*`` keys) ask: the next stage of a frozen LLM's training (adapter first,
+    then the decoder's low-rank deltas). A fresh delta is zero, so the model is unchanged."""
+    from speechllama.model.lora import add_lora
+
+    cfg = model.config.with_overrides(overrides)
+    if model.config.decoder.lora_rank > 0:
+        raise ValueError("this checkpoint's decoder already has LoRA deltas")
+    d = cfg.decoder
+    if d.lora_rank <= 0:
+        raise ValueError("--model-set decoder.lora_rank must be > 0 to add LoRA")
+    add_lora(model.decoder, d.lora_rank, d.lora_alpha, tuple(d.lora_targets))
+    model.config, model.decoder.cfg = cfg, d
+    return model
 
 
 def git_commit() -> str | None:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from speechllama.text import Tokenizer
+from speechllama.text import TokenizerLike, tokenizer_id
 from speechllama.train.cache import EncoderCache, duration_batches, entry_key, fingerprint
 from speechllama.train.data import collate
 from speechllama.train.step import embed
@@ -63,7 +63,7 @@ def check_position_wise(model: nn.Module) -> None:
         )
 
 
-def hidden_fingerprint(model: nn.Module, encoder_fingerprint: str, tokenizer: Tokenizer) -> str:
+def hidden_fingerprint(model: nn.Module, encoder_fingerprint: str, tokenizer: TokenizerLike) -> str:
     """Hash of everything that changes the cached hidden states beyond the encoder cache."""
     cfg = model.config
     trunk = nn.ModuleDict({"adapter": model.adapter, "decoder": model.decoder})
@@ -72,7 +72,7 @@ def hidden_fingerprint(model: nn.Module, encoder_fingerprint: str, tokenizer: To
         "adapter": cfg.adapter.__dict__,
         "decoder": cfg.decoder.__dict__,
         "bos_id": cfg.bos_id,
-        "tokenizer": hashlib.sha256(tokenizer.model_proto).hexdigest(),
+        "tokenizer": tokenizer_id(tokenizer),
         "precision": "float32",
     }
     return fingerprint(trunk, parts)

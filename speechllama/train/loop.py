@@ -37,6 +37,8 @@ from tqdm import tqdm
 
 from speechllama.checkpoint import TMP_MARK, list_checkpoints, load_train_state, save_checkpoint
 from speechllama.data.sampler import DurationBucketSampler
+from speechllama.model.config import SOURCED_PRESETS, preset
+from speechllama.model.sourced import source_tokenizer
 from speechllama.train import distributed
 from speechllama.train.build import build_model, provenance, resolve_tokenizer
 from speechllama.train.config import TrainConfig
@@ -187,7 +189,13 @@ class Trainer:
 
     def _fresh_model(self) -> tuple[torch.nn.Module, Any]:
         cfg = self.cfg
-        if cfg.init is None or cfg.tokenizer is not None:
+        if cfg.preset in SOURCED_PRESETS:
+            if cfg.tokenizer is not None or cfg.text:
+                raise ValueError(
+                    f"preset {cfg.preset!r} writes its LLM's own tokens: no --tokenizer/--text"
+                )
+            tok = source_tokenizer(preset(cfg.preset, SOURCED_PRESETS[cfg.preset]))
+        elif cfg.init is None or cfg.tokenizer is not None:
             texts: list[str] = []
             if cfg.tokenizer is None and not cfg.text:
                 from speechllama.data.manifest import load_manifest

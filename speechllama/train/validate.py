@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.nn.utils import parametrize
 
 from speechllama.decoding import DecodingOptions, get_strategy
 from speechllama.decoding.base import decode
@@ -65,36 +66,39 @@ def validate(
     was_training = model.training
     model.eval()
     try:
-        loss_sum = ce_sum = 0.0
-        weight = 0
-        correct: list[int] = []
-        scored: list[int] = []
-        for batch in batches:
-            with torch.inference_mode():
-                out = compute_loss(
-                    model,
-                    batch,
-                    ctc_weight=ctc_weight,
-                    head_weights=head_weights,
-                    bf16=bf16,
-                    accuracy=True,
-                )
-            loss_sum += float(out.total) * out.tokens
-            ce_sum += out.ce * out.tokens
-            weight += out.tokens
-            if not correct:
-                correct, scored = [0] * len(out.correct), [0] * len(out.scored)
-            correct = [a + b for a, b in zip(correct, out.correct, strict=True)]
-            scored = [a + b for a, b in zip(scored, out.scored, strict=True)]
-        refs: list[str] = []
-        hyps: list[str] = []
-        for batch in batches if decode_batches is None else decode_batches:
-            if len(refs) >= max_utterances:
-                break
-            hyps.extend(greedy_transcripts(model, tokenizer, batch))
-            refs.extend(references[i] for i in batch.indices)
-        refs, hyps = refs[:max_utterances], hyps[:max_utterances]
-        scores = evaluate_results(refs, hyps)
+        # LoRA deltas (parametrized weights) are computed once for the whole evaluation,
+        # not on every weight read of every decoder call.
+        with parametrize.cached():
+            loss_sum = ce_sum = 0.0
+            weight = 0
+            correct: list[int] = []
+            scored: list[int] = []
+            for batch in batches:
+                with torch.inference_mode():
+                    out = compute_loss(
+                        model,
+                        batch,
+                        ctc_weight=ctc_weight,
+                        head_weights=head_weights,
+                        bf16=bf16,
+                        accuracy=True,
+                    )
+                loss_sum += float(out.total) * out.tokens
+                ce_sum += out.ce * out.tokens
+                weight += out.tokens
+                if not correct:
+                    correct, scored = [0] * len(out.correct), [0] * len(out.scored)
+                correct = [a + b for a, b in zip(correct, out.correct, strict=True)]
+                scored = [a + b for a, b in zip(scored, out.scored, strict=True)]
+            refs: list[str] = []
+            hyps: list[str] = []
+            for batch in batches if decode_batches is None else decode_batches:
+                if len(refs) >= max_utterances:
+                    break
+                hyps.extend(greedy_transcripts(model, tokenizer, batch))
+                refs.extend(references[i] for i in batch.indices)
+            refs, hyps = refs[:max_utterances], hyps[:max_utterances]
+            scores = evaluate_results(refs, hyps)
     finally:
         model.train(was_training)
     return {

@@ -31,6 +31,15 @@
 : "${NT_STEPS:=2400}"   # ~45 min on 2 cores (1.1 s/step, 90 audio-h/h)
 : "${NT_WARMUP:=300}"
 : "${NT_LR:=2e-3}"
+: "${NT_HEADS:=}"       # empty: the preset's heads (small: one linear head)
+: "${NT_HEAD_KIND:=}"
+: "${NT_BF16:=}"        # non-empty: bf16 autocast in stages 3-4 (the small model trains in fp32)
+# LoRA deltas on a pretrained LLM decoder after stage 3 (conf/smollm.sh); rank 0: none.
+: "${LORA_RANK:=0}"
+: "${LORA_ALPHA:=0}"
+: "${LORA_STEPS:=0}"
+: "${LORA_WARMUP:=0}"
+: "${LORA_LR:=0}"
 
 # --- stage 4: multi-token training (fine-tune stage 3's best with K heads) ------------------
 : "${HEADS:=4}"
@@ -43,6 +52,7 @@
 # states are cached once. Joint training at MTP_LR from the next-token model cost head 1
 # dearly (dev head-1 accuracy 0.60 -> 0.46, dev WER 65.6% -> 72.2% after 400 steps).
 : "${MTP_FREEZE:=encoder adapter decoder}"
+: "${MTP_NO_HIDDEN_CACHE:=}"  # non-empty: run the frozen trunk every step instead of caching it
 
 # --- stage 5: MWER fine-tuning of stage 4's best ----------------------------------------------
 : "${MWER_STEPS:=60}"   # ~8 s/step: N-best decoding dominates
@@ -60,3 +70,4 @@
 
 # --- stage 7: the shipped copy ---------------------------------------------------------------
 : "${EXPORT_DTYPE:=float16}"
+: "${EXPORT_DIR:=}"     # relative to the repository; empty: speechllama/models/default
