@@ -143,6 +143,22 @@ def test_prefill_and_steps_equal_teacher_forcing(model: SpeechLLaMA, batch: dict
     assert model.decoder_calls - calls == 3
 
 
+def test_bf16_decoder_takes_fp32_audio_and_returns_fp32_logits(batch: dict) -> None:
+    """``set_decoder_dtype(bfloat16)`` (``bench --dtype``): the fp32 adapter's embeddings go in,
+    a bf16 cache fills, fp32 logits come out, and they follow the fp32 model's closely."""
+    ref_model, bf16 = _model(), _model().set_decoder_dtype(torch.bfloat16)
+    assert bf16.decoder.embed.weight.dtype == torch.bfloat16 and bf16.adapter is not None
+    out = {}
+    for name, m in (("fp32", ref_model), ("bf16", bf16)):
+        cache = m.new_cache(3, 32)
+        with torch.no_grad():
+            first = m.prefill(batch["audio"], batch["audio_lens"], cache)
+            out[name] = torch.cat([first, m.step(batch["tokens"][:, 1:3], cache)], dim=1)
+    assert cache.k.dtype == torch.bfloat16 and out["bf16"].dtype == torch.float32
+    scale = out["fp32"].abs().max()
+    assert (out["bf16"] - out["fp32"]).abs().max() < 0.05 * scale
+
+
 def test_one_call_of_four_equals_four_calls_of_one(model: SpeechLLaMA, batch: dict) -> None:
     new = ids(3, 4, seed=7)
     caches = [model.new_cache(3, 32) for _ in range(2)]

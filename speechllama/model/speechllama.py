@@ -141,6 +141,7 @@ class SpeechLLaMA(nn.Module):
         audio_lens = audio_lens.to(device=audio.device, dtype=torch.long)
         width = int(audio_lens.max()) + 1
         self._check_fits(width, cache.max_len, "the KV cache length")
+        audio = audio.to(self.decoder.embed.weight.dtype)  # fp32 adapter -> a bf16 decoder
         x = torch.cat([_mask_audio(audio, audio_lens), audio.new_zeros(B, 1, d)], dim=1)[:, :width]
         bos = torch.full((B, 1), self.config.bos_id, dtype=torch.long, device=audio.device)
         bos_at = audio_lens[:, None, None].expand(B, 1, d)
@@ -151,7 +152,7 @@ class SpeechLLaMA(nn.Module):
         logits = self.heads(hidden, num_heads, select=audio_lens[:, None], cache=cache, slots=slots)
         cache.lengths = audio_lens + 1
         self.decoder_calls += 1
-        return logits
+        return logits.float()  # strategies score in fp32 whatever the decoder's dtype
 
     @torch.no_grad()
     def step(
@@ -182,7 +183,15 @@ class SpeechLLaMA(nn.Module):
         logits = self.heads(hidden, num_heads, None, cache, slots, positions, tree_mask)
         cache.lengths = cache.lengths + k
         self.decoder_calls += 1
-        return logits
+        return logits.float()
+
+    def set_decoder_dtype(self, dtype: torch.dtype) -> SpeechLLaMA:
+        """Store decoder and heads in ``dtype`` for inference (bf16 on a CPU with avx512_bf16:
+        a decoder call reads half the bytes). Encoder and adapter stay as they are; audio
+        embeddings are cast on entry and logits come out in fp32."""
+        self.decoder.to(dtype)
+        self.heads.to(dtype)
+        return self
 
     # --- pretrained decoders, bookkeeping -----------------------------------------------------
 
