@@ -37,7 +37,6 @@ from speechllama.model.gguf_llama import (
 )
 from speechllama.text import TokenizerLike, normalize
 from speechllama.tokenizer_bpe import BPETokenizer
-from speechllama.transcribe import load_model
 
 torch.set_num_threads(1)
 
@@ -49,8 +48,13 @@ LINES_PER_CORPUS = 1000
 
 @pytest.fixture(scope="module")
 def loaded():
-    """``load_model("smollm")``: no bundled checkpoint exists, so the preset is built."""
-    return load_model("smollm")
+    """The untrained preset (what ``load_model("smollm")`` builds when no trained copy is
+    bundled): pretrained encoder and LLM, fresh adapter and identity latent heads."""
+    from speechllama.model.sourced import model_from_preset
+    from speechllama.transcribe import Transcriber
+
+    model, tokenizer = model_from_preset("smollm")
+    return Transcriber(model, tokenizer, {"preset": "smollm"})
 
 
 def _ids(tokenizer: TokenizerLike, text: str) -> torch.Tensor:
