@@ -135,3 +135,15 @@ def test_init_refuses_other_overrides_and_a_second_lora(tokenizer, tmp_path: Pat
         build_model(None, str(ckpt), None, ctc=False, overrides={"decoder.dropout": 0.2})
     with pytest.raises(ValueError, match="already has LoRA"):
         build_model(None, str(ckpt), None, ctc=False, overrides={"decoder.lora_rank": 4})
+
+
+def test_parameter_counts_show_the_factors_apart() -> None:
+    """``info``'s table: LoRA factors are their own part, trainable beside a frozen decoder."""
+    _, lora = _pair()
+    lora.decoder.requires_grad_(False)
+    for p in lora_parameters(lora.decoder):
+        p.requires_grad_(True)
+    counts = lora.num_parameters()
+    factors = sum(p.numel() for p in lora_parameters(lora.decoder))
+    assert counts["decoder_lora"] == {"trainable": factors, "frozen": 0}
+    assert counts["decoder"]["trainable"] == 0 and counts["decoder"]["frozen"] > 0
