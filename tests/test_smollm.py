@@ -261,3 +261,22 @@ def test_lora_checkpoint_stores_only_the_deltas(loaded, tmp_path: Path) -> None:
             got = again.decoder.forward_train(again.decoder.embed(ids))
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         del again
+
+
+def test_bundled_trained_copy_loads_by_name() -> None:
+    """``--model smollm`` loads the trained copy shipped in the package (adapter, LoRA factors
+    and heads only, fp16), merges its LoRA deltas, and transcribes an example with them."""
+    from speechllama.transcribe import BUNDLED_MODELS, load_model
+
+    bundle = BUNDLED_MODELS / "smollm"
+    if not bundle.is_dir():
+        pytest.skip("no trained smollm copy in this package")
+    assert sum(f.stat().st_size for f in bundle.iterdir()) < 12e6
+    doc = json.loads((bundle / "config.json").read_text())
+    assert doc["weights"]["decoder"] == "source" and doc["model"]["decoder"]["lora_rank"] > 0
+    loaded = load_model("smollm")
+    assert "training" in loaded.meta
+    assert not any(".parametrizations." in k for k in loaded.model.state_dict())  # merged
+    example = Path(__file__).resolve().parents[1] / "speechllama/assets/audio/LJ001-0002.flac"
+    result = loaded.transcribe(str(example), max_tokens_min=0, max_tokens_per_second=4.0)
+    assert result.error is None and result.tokens
