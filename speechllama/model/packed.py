@@ -8,7 +8,8 @@ k-token call cost far more than a 1-token call. With each weight reordered once 
 blocked layout (q|k|v and gate|up concatenated, so 4 matmuls a layer instead of 7), four rows
 cost 3.0 ms. The reorder is done with no batch-size hint, so one packed copy serves every row
 count, and its rows do not depend on how many rows there are (checked bit for bit for 1..256
-rows, fp32 and bf16, 1 and 2 threads). A single row keeps MKL (see :meth:`linear`).
+rows, fp32 and bf16, 1 and 2 threads). A single row keeps MKL unless the matrix is large
+(see :meth:`linear`).
 
 The packed copies live beside the parameters (they double the decoder's weight memory) and are
 rebuilt whenever a weight changes (its storage or its version counter: an optimizer step,
@@ -25,6 +26,7 @@ _REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _AVAILABLE = _REORDER is not None and _LINEAR is not None and torch.backends.mkldnn.is_available()
 _DTYPES = (torch.float32, torch.bfloat16)
+PACK_ONE_ROW_FROM = 1_000_000  # weight elements from which a 1-row fp32 call packs too
 
 
 def _version(w: torch.Tensor) -> int:
@@ -49,7 +51,13 @@ class PackedLinears:
         # 0.6 ms slower per 1-token call of ``small`` (1 thread, one model per process: 6.2-6.5
         # against 5.6-5.7 ms in three runs). bf16 packs at every row count: 4.3 ms against 5.7
         # per 1-token call, where ATen's bf16 gemv is no faster than fp32.
+        # Large matrices pack at one row too: oneDNN beat MKL's gemv from about 1M elements
+        # (session 4, 2 threads, one row: SmolLM2's 3072 x 576 gate|up 89 against 152 us, its
+        # 49152 x 576 output layer 4.6 against 9.7 ms), while every matrix of ``small`` is below
+        # that and stays on MKL (packing them all made its greedy 15% slower end to end).
         single = x.numel() == x.shape[-1] and x.dtype == torch.float32
+        if single and sum(w.numel() for w in weights) >= PACK_ONE_ROW_FROM:
+            single = False
         if single or not usable(x, w0):  # one matmul per matrix, bitwise the modules' own
             if len(weights) == 1:
                 return F.linear(x, w0)
