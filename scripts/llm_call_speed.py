@@ -53,7 +53,7 @@ def weight_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
 @torch.inference_mode()
 def time_dtype(model: torch.nn.Module, dtype: torch.dtype, args: argparse.Namespace) -> dict:
-    model = model.to(dtype)
+    model = model.set_decoder_dtype(dtype)
     hf = to_hf_llama(model)
     vocab = model.config.decoder.vocab_size
     g = torch.Generator().manual_seed(0)

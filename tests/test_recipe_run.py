@@ -32,6 +32,12 @@ def _commands(out: str) -> list[str]:
     return [line[2:] for line in out.splitlines() if line.startswith("+ ")]
 
 
+def _assert_commands(cmds: list[str], patterns: list[str]) -> None:
+    """Every pattern matches one of the printed commands."""
+    for pattern in patterns:
+        assert any(re.search(pattern, c) for c in cmds), pattern
+
+
 def test_dry_run_lists_every_stage_with_the_config_values(tmp_path):
     exp = tmp_path / "exp"
     p = _run("--data", "D", "--exp", str(exp))
@@ -52,8 +58,7 @@ def test_dry_run_lists_every_stage_with_the_config_values(tmp_path):
         r"scripts/peers\.py --systems pocketsphinx-digits fsdd-test=D/fsdd-test/manifest\.jsonl ",
         r"export .*/mwer/best --dtype float16$",
     ]
-    for pattern in want:
-        assert any(re.search(pattern, c) for c in cmds), pattern
+    _assert_commands(cmds, want)
     assert all(
         "--resume" in c and "--save-every 200" in c and "--eval-every 400" in c
         for c in cmds
@@ -128,8 +133,7 @@ def test_smollm_conf_trains_adapter_then_lora_then_heads(tmp_path):
         r"evaluate D/real-smoke/manifest\.jsonl --model .*/mtp/best ",
         r"export .*/mtp/best --dtype float16 --out .*/speechllama/models/smollm$",
     ]
-    for pattern in want:
-        assert any(re.search(pattern, c) for c in cmds), pattern
+    _assert_commands(cmds, want)
 
 
 def test_every_hyper_parameter_lives_in_the_config():

@@ -139,8 +139,8 @@ finish() {
 # Options shared by the training stages; --resume continues an interrupted run (and starts
 # afresh when there is nothing to resume).
 # A pretrained-LLM preset (VOCAB_SIZE=llm) brings its own tokenizer.
-llm_tokens=""; tokenizer_args=(--tokenizer "$tokenizer")
-if [ "$VOCAB_SIZE" = llm ]; then llm_tokens=1; tokenizer_args=(); fi
+tokenizer_args=(--tokenizer "$tokenizer")
+[ "$VOCAB_SIZE" = llm ] && tokenizer_args=()
 common=(--dev "$dev" "${tokenizer_args[@]}" --max-duration "$MAX_DURATION"
         --eval-every "$EVAL_EVERY" --eval-utterances "$EVAL_UTTERANCES"
         --save-every "$SAVE_EVERY" --log-every "$LOG_EVERY" --seed "$SEED"
@@ -158,7 +158,7 @@ if want 1 "data in $data (prepare.sh, $HOURS h) and the training manifest"; then
   finish 1
 fi
 
-if [ -n "$llm_tokens" ]; then
+if [ "$VOCAB_SIZE" = llm ]; then
   log "Stage 2: $PRESET writes its pretrained LLM's tokens; no tokenizer to train"
 elif want 2 "tokenizer ($VOCAB_SIZE pieces) -> $tokenizer"; then
   run "$speechllama" tokenizer train --text "$data/text/train.txt" --vocab-size "$VOCAB_SIZE" \

@@ -55,9 +55,11 @@ class PackedLinears:
         # (session 4, 2 threads, one row: SmolLM2's 3072 x 576 gate|up 89 against 152 us, its
         # 49152 x 576 output layer 4.6 against 9.7 ms), while every matrix of ``small`` is below
         # that and stays on MKL (packing them all made its greedy 15% slower end to end).
-        single = x.numel() == x.shape[-1] and x.dtype == torch.float32
-        if single and sum(w.numel() for w in weights) >= PACK_ONE_ROW_FROM:
-            single = False
+        single = (
+            x.numel() == x.shape[-1]
+            and x.dtype == torch.float32
+            and sum(w.numel() for w in weights) < PACK_ONE_ROW_FROM
+        )
         if single or not usable(x, w0):  # one matmul per matrix, bitwise the modules' own
             if len(weights) == 1:
                 return F.linear(x, w0)

@@ -24,6 +24,7 @@ from speechllama.tokenizer_bpe import BPETokenizer
 __all__ = [
     "decoder_from_source",
     "load_sourced_decoder",
+    "load_sources",
     "model_from_preset",
     "source_tokenizer",
     "sourced_decoder_names",
@@ -90,6 +91,20 @@ def source_tokenizer(config: ModelConfig) -> BPETokenizer:
     return tokenizer
 
 
+def load_sources(model: SpeechLLaMA) -> None:
+    """Fill a freshly built preset model's sourced parts from their installed packages: the
+    encoder (``encoder.source``) and the LLM decoder with fresh heads (``decoder.source``;
+    frozen, see :func:`load_sourced_decoder`). Shared by :func:`model_from_preset` and
+    training's ``build_model``, so a preset is the same model in both."""
+    config = model.config
+    if config.encoder.source is not None:
+        from speechllama.model.weights import load_encoder_weights
+
+        load_encoder_weights(model.encoder, config.encoder.source)
+    if decoder_from_source(config):
+        load_sourced_decoder(model, fresh=True)
+
+
 def model_from_preset(
     name: str, device: str | torch.device = "cpu"
 ) -> tuple[SpeechLLaMA, BPETokenizer]:
@@ -103,9 +118,5 @@ def model_from_preset(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(PRESET_SEED)
         model = SpeechLLaMA(config)
-    if config.encoder.source is not None:
-        from speechllama.model.weights import load_encoder_weights
-
-        load_encoder_weights(model.encoder, config.encoder.source)
-    load_sourced_decoder(model, fresh=True)
+    load_sources(model)
     return model.to(device).eval(), tokenizer

@@ -88,17 +88,12 @@ def build_model(
         cfg = cfg.with_overrides(overrides)
     cfg.validate()
     model = SpeechLLaMA(cfg)
-    if cfg.encoder.source is not None:
-        from speechllama.model.weights import load_encoder_weights
+    # Pretrained parts: the encoder, and a pretrained LLM (``smollm``), loaded and frozen; its
+    # adapter, heads' maps and LoRA factors (``decoder.lora_rank``) train. Latent maps start as
+    # the identity, so head 1 is the LLM's own output layer from step 0.
+    from speechllama.model.sourced import load_sources
 
-        load_encoder_weights(model.encoder, cfg.encoder.source)
-    if cfg.decoder.source is not None:
-        # A pretrained LLM (``smollm``): loaded and frozen; the adapter, the heads' maps and
-        # LoRA factors (``decoder.lora_rank``) train. Latent maps start as the identity, so
-        # head 1 is the LLM's own output layer from step 0.
-        from speechllama.model.sourced import load_sourced_decoder
-
-        load_sourced_decoder(model, fresh=True)
+    load_sources(model)
     return model.train(), tokenizer
 
 
