@@ -20,6 +20,10 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
+def _nats(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def _sets(results: Sequence[dict[str, Any]]) -> list[str]:
     """Eval set names in first-seen order."""
     seen: dict[str, None] = {}
@@ -29,13 +33,15 @@ def _sets(results: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def table(results: Sequence[dict[str, Any]]) -> str:
-    """One markdown row per run: what changed, how much data and time, WER (%) per set, and
-    the per-source WER of sets that have several sources (e.g. real-smoke)."""
+    """One markdown row per run: what changed, how much data and time, WER (%) and reference
+    cross-entropy (nats/token; "—" for rows scored before it was recorded) per set, and the
+    per-source WER of sets that have several sources (e.g. real-smoke)."""
     sets = _sets(results)
     sources = {s: sorted({k for r in results for k in r.get("by_source", {}).get(s, {})})
                for s in sets}  # fmt: skip
     head = ["run", "lever", "filter", "extra args", "hours", "steps", "train s", "dev CE"]
     head += [f"WER {s}" for s in sets]
+    head += [f"CE {s}" for s in sets]
     head += [f"{s}: {k}" for s in sets for k in sources[s]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -44,35 +50,41 @@ def table(results: Sequence[dict[str, Any]]) -> str:
                  f"{r['hours']:.2f}", str(r["steps"]), f"{r['train_seconds']:.0f}",
                  "—" if ce is None else f"{ce:.3f}"]  # fmt: skip
         cells += [_pct(r["wer"].get(s)) for s in sets]
+        cells += [_nats(r.get("ce", {}).get(s)) for s in sets]
         cells += [_pct(r.get("by_source", {}).get(s, {}).get(k)) for s in sets for k in sources[s]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(results: Sequence[dict[str, Any]], sets: Sequence[str], path: Path) -> None:
-    """Grouped bars: WER (%) of every run on each of ``sets`` (the real-speech sets), runs
-    labelled "name (lever)", so each lever's effect reads off against the baseline's bars."""
+    """Grouped bars of every run on each of ``sets`` (the real-speech sets), runs labelled
+    "name (lever)": greedy WER (%) above and reference cross-entropy below (the panel that
+    separates runs whose WERs all sit near 90%), so each lever reads off against the
+    baseline's bars."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
         raise OSError(f"{path}: plotting needs matplotlib (pip install matplotlib)") from err
     sets = [s for s in sets if any(s in r["wer"] for r in results)] or _sets(results)
-    fig = Figure(figsize=(max(6.0, 0.6 * len(results) * max(1, len(sets)) + 2), 4.5))
+    fig = Figure(figsize=(max(6.0, 0.6 * len(results) * max(1, len(sets)) + 2), 8.0))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    wer_ax, ce_ax = fig.subplots(2, 1, sharex=True)
     width = 0.8 / max(1, len(sets))
+    nan = float("nan")
     for j, name in enumerate(sets):
         xs = [i + (j - (len(sets) - 1) / 2) * width for i in range(len(results))]
-        ys = [100 * r["wer"].get(name, float("nan")) for r in results]
-        ax.bar(xs, ys, width, label=name)
-    ax.set_xticks(range(len(results)))
-    ax.set_xticklabels([f"{r['name']}\n({r['lever']})" for r in results], rotation=45,
-                       ha="right", fontsize=8)  # fmt: skip
-    ax.set_ylabel("WER (%)")
-    ax.set_title("Accuracy campaign: WER on real speech per run (greedy)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+        wer_ax.bar(xs, [100 * r["wer"].get(name, nan) for r in results], width, label=name)
+        ce_ax.bar(xs, [r.get("ce", {}).get(name, nan) for r in results], width, label=name)
+    ce_ax.set_xticks(range(len(results)))
+    ce_ax.set_xticklabels([f"{r['name']}\n({r['lever']})" for r in results], rotation=45,
+                          ha="right", fontsize=8)  # fmt: skip
+    wer_ax.set_ylabel("WER (%)")
+    ce_ax.set_ylabel("reference CE (nats/token)")
+    wer_ax.set_title("Accuracy campaign on real speech, per run (greedy WER; teacher-forced CE)")
+    wer_ax.legend()
+    for ax in (wer_ax, ce_ax):
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -107,7 +107,7 @@ def evaluate_sharded(
 def merge_head_accuracy(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The ranks' teacher-forced head accuracies as one: hits are recovered exactly from each
     rank's fraction x positions (integers), then divided by all positions, as one process
-    would have counted them."""
+    would have counted them; cross-entropies are pooled the same way, weighted by positions."""
     tokens = [sum(t) for t in zip(*(p["head_accuracy_tokens"] for p in parts), strict=True)]
     hits = [
         sum(round(a * n) for a, n in zip(accs, counts, strict=True))
@@ -117,9 +117,18 @@ def merge_head_accuracy(parts: list[dict[str, Any]]) -> dict[str, Any]:
             strict=True,
         )
     ]
+    ce = [
+        sum(c * n for c, n in zip(ces, counts, strict=True))
+        for ces, counts in zip(
+            zip(*(p["head_ce"] for p in parts), strict=True),
+            zip(*(p["head_accuracy_tokens"] for p in parts), strict=True),
+            strict=True,
+        )
+    ]
     return {
         "head_accuracy": [h / max(n, 1) for h, n in zip(hits, tokens, strict=True)],
         "head_accuracy_tokens": tokens,
+        "head_ce": [c / max(n, 1) for c, n in zip(ce, tokens, strict=True)],
         "head_accuracy_skipped": [s for p in parts for s in p["head_accuracy_skipped"]],
     }
 

@@ -204,17 +204,20 @@ def teacher_forced_accuracy(
 
     ``items``: (utterance, what to load for it: a path or 16 kHz samples). Batched like
     decoding (duration-sorted, ``batch_size`` per batch; fp16 autocast on CUDA with ``fp16``).
-    Returns ``head_accuracy`` (K fractions), ``head_accuracy_tokens`` (K positions scored) and
-    ``head_accuracy_skipped`` ([{audio_filepath, reason}] for the utterances left out)."""
+    Returns ``head_accuracy`` (K fractions), ``head_accuracy_tokens`` (K positions scored),
+    ``head_ce`` (K cross-entropies, nats per scored position: far more sensitive than WER while
+    a model is weak, so weak models can still be ranked) and ``head_accuracy_skipped``
+    ([{audio_filepath, reason}] for the utterances left out)."""
     from speechllama.audio import AudioError, load_audio
     from speechllama.features import compute_features
-    from speechllama.train.losses import head_accuracy_counts
+    from speechllama.train.losses import head_accuracy_counts, multi_token_loss
 
     model, cfg = transcriber.model, transcriber.config
     device = transcriber.device
     num_heads = model.heads.num_heads
     correct = torch.zeros(num_heads, dtype=torch.long)
     scored = torch.zeros(num_heads, dtype=torch.long)
+    ce_sum = torch.zeros(num_heads, dtype=torch.float64)
     skipped: list[dict[str, str]] = []
     todo: list[tuple[Utterance, str | np.ndarray | Clip, list[int]]] = []
     for utt, source in items:
@@ -272,16 +275,18 @@ def teacher_forced_accuracy(
                     tokens.to(device),
                     label_lens.to(device),
                 )
-                hits, counts = head_accuracy_counts(
-                    logits, labels.to(device), label_lens.to(device)
-                )
+                labels, label_lens = labels.to(device), label_lens.to(device)
+                hits, counts = head_accuracy_counts(logits, labels, label_lens)
+                loss = multi_token_loss(logits, labels, label_lens)
             correct += hits.cpu()
             scored += counts.cpu()
+            ce_sum += (loss.per_head.double() * loss.tokens.double()).cpu()
     finally:
         model.train(was_training)
     return {
         "head_accuracy": (correct.double() / scored.clamp(min=1)).tolist(),
         "head_accuracy_tokens": scored.tolist(),
+        "head_ce": (ce_sum / scored.clamp(min=1).double()).tolist(),
         "head_accuracy_skipped": skipped,
     }
 

@@ -128,6 +128,7 @@ def test_campaign_runs_resumes_and_reports(data: Path, tmp_path: Path) -> None:
     for row in rows:
         assert set(row["wer"]) == {"real", "digits"}
         assert all(0.0 <= w < float("inf") for w in row["wer"].values())
+        assert set(row["ce"]) == {"real", "digits"} and all(c > 0 for c in row["ce"].values())
         assert set(row["by_source"]) == {"real"}  # digits has one source
         assert set(row["by_source"]["real"]) == {"Corpus0", "Corpus1"}
         assert row["steps"] == 2 and row["train_seconds"] > 0 and row["dev_ce"] > 0
@@ -144,6 +145,17 @@ def test_campaign_runs_resumes_and_reports(data: Path, tmp_path: Path) -> None:
     assert (exp / "base" / "train.log").stat().st_mtime_ns == log
     assert len((exp / RESULTS).read_text().splitlines()) == 2
 
+    # a row from before the CE was recorded gets it from its checkpoint, without training
+    old = [{k: v for k, v in r.items() if k != "ce"} for r in rows]
+    (exp / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert main(args) == 0
+    assert (exp / "base" / "train.log").stat().st_mtime_ns == log
+    again = [json.loads(line) for line in (exp / RESULTS).read_text().splitlines()]
+    assert [r["name"] for r in again] == ["base", "espeak"]
+    for new, row in zip(again, rows, strict=True):
+        assert new["wer"] == row["wer"]  # decoding resumed from eval/, same hypotheses
+        assert new["ce"] == pytest.approx(row["ce"])
+
     doc = tmp_path / "accuracy.md"
     doc.write_text(f"# Campaign\n\nProse before.\n\n{START}\nold\n{END}\n\nProse after.\n")
     png = tmp_path / "real.png"
@@ -154,9 +166,10 @@ def test_campaign_runs_resumes_and_reports(data: Path, tmp_path: Path) -> None:
     assert "Prose before." in text and "Prose after." in text and "old" not in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 2  # header + one row per run
-    assert "WER real" in table[0] and "real: Corpus0" in table[0]
+    assert "WER real" in table[0] and "CE real" in table[0] and "real: Corpus0" in table[0]
     assert table[1].startswith("| base | baseline |")
     assert f"{100 * rows[0]['wer']['real']:.1f}" in table[1]
+    assert f"| {rows[0]['ce']['real']:.2f} |" in table[1]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(report) == 0 and doc.read_text() == text  # re-rendering is stable
 

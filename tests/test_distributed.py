@@ -239,6 +239,7 @@ def test_sharded_evaluation_equals_one_process(runs: Path) -> None:
                 "failed", "options"):  # fmt: skip
         assert b[key] == a[key], key
     assert b["head_accuracy"] == pytest.approx(a["head_accuracy"], abs=1e-12)
+    assert b["head_ce"] == pytest.approx(a["head_ce"], rel=1e-6)
     align = (runs / "ev-1" / "alignments.txt").read_text()
     assert (runs / "ev-2" / "alignments.txt").read_text() == align
     shards = sorted(p.name for p in (runs / "ev-2" / "shards").iterdir())
@@ -303,14 +304,15 @@ def test_merged_head_accuracy_counts_like_one_process() -> None:
     from speechllama.distributed_eval import merge_head_accuracy
 
     parts = [
-        {"head_accuracy": [2 / 3, 0.5], "head_accuracy_tokens": [3, 2],
+        {"head_accuracy": [2 / 3, 0.5], "head_accuracy_tokens": [3, 2], "head_ce": [1.0, 2.0],
          "head_accuracy_skipped": [{"audio_filepath": "a.wav", "reason": "x"}]},
-        {"head_accuracy": [0.25, 0.0], "head_accuracy_tokens": [4, 0],
+        {"head_accuracy": [0.25, 0.0], "head_accuracy_tokens": [4, 0], "head_ce": [3.0, 0.0],
          "head_accuracy_skipped": []},
     ]  # fmt: skip
     merged = merge_head_accuracy(parts)
     assert merged["head_accuracy"] == [3 / 7, 0.5]
     assert merged["head_accuracy_tokens"] == [7, 2]
+    assert merged["head_ce"] == pytest.approx([(3 * 1.0 + 4 * 3.0) / 7, 2.0])
     assert [s["audio_filepath"] for s in merged["head_accuracy_skipped"]] == ["a.wav"]
 
 

@@ -167,9 +167,10 @@ def _decodable(manifest: Path) -> list:
 
 
 def _reference_head_accuracy(transcriber, utts) -> tuple[list[int], list[int]]:
-    """Hits and scored positions per head, one utterance at a time, position by position."""
+    """Hits, scored positions and summed cross-entropy (nats) per head, one utterance at a
+    time, position by position."""
     model = transcriber.model
-    hits, scored = [0, 0], [0, 0]
+    hits, scored, ce = [0, 0], [0, 0], [0.0, 0.0]
     for utt in utts:
         ids = target_ids(utt.text, transcriber.tokenizer)  # y EOS
         feats = compute_features(load_audio(utt.audio_filepath), "fbank", 80)[None]
@@ -182,7 +183,8 @@ def _reference_head_accuracy(transcriber, utts) -> tuple[list[int], list[int]]:
                 if u + k < len(ids):
                     scored[k] += 1
                     hits[k] += int(logits[0, u, k].argmax()) == ids[u + k]
-    return hits, scored
+                    ce[k] -= float(logits[0, u, k].float().log_softmax(-1)[ids[u + k]])
+    return hits, scored, ce
 
 
 def test_head_accuracy_is_the_teacher_forced_hit_rate_of_each_head(trained, manifest):
@@ -190,13 +192,14 @@ def test_head_accuracy_is_the_teacher_forced_hit_rate_of_each_head(trained, mani
     utts = [
         u for u in load_manifest(manifest, check_audio=False) if Path(u.audio_filepath).exists()
     ]
-    hits, scored = _reference_head_accuracy(model, utts)
+    hits, scored, ce = _reference_head_accuracy(model, utts)
     for batch_size in (1, 3):  # padding in a batch must not change a thing
         s = evaluate_manifest(model, manifest, DecodingOptions(batch_size=batch_size))
         assert s["head_accuracy_tokens"] == scored
         assert s["head_accuracy"] == pytest.approx(
             [h / n for h, n in zip(hits, scored, strict=True)]
         )
+        assert s["head_ce"] == pytest.approx([c / n for c, n in zip(ce, scored, strict=True)])
         assert s["head_accuracy_skipped"] == []  # the missing file failed; it is not "skipped"
     accuracy = s["head_accuracy"]
     assert all(0 < a < 1 for a in accuracy) and accuracy[0] != accuracy[1], accuracy  # non-trivial

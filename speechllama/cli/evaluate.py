@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     heads = ""
     if "head_accuracy" in s:
         heads = "head acc " + "/".join(f"{100 * a:.1f}" for a in s["head_accuracy"]) + "% | "
+        heads += f"CE {s['head_ce'][0]:.3f} | "
     print(
         f"WER {100 * s['wer']:.2f}% (S={s['substitutions']} D={s['deletions']} "
         f"I={s['insertions']} N={s['words']}) on {s['utterances']} utterances | "
