@@ -1,4 +1,5 @@
-"""The adapter output norm and dotted model-config overrides (``train --model-set``)."""
+"""The adapter output norm, its per-utterance input normalisation, and dotted model-config
+overrides (``train --model-set``)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,33 @@ def test_overrides_set_nested_keys_and_validate() -> None:
         _tiny(**{"adaptor.norm": "rms"})
     with pytest.raises(ValueError, match=r"adapter\.norm"):
         _tiny(**{"adapter.norm": "layer"})
+    with pytest.raises(ValueError, match=r"adapter\.input_norm"):
+        _tiny(**{"adapter.input_norm": "batch"})
 
 
 def test_old_configs_without_norm_load_unchanged() -> None:
     data = preset("tiny", 64).to_dict()
-    del data["adapter"]["norm"]
-    assert ModelConfig.from_dict(data).adapter.norm == "none"
+    del data["adapter"]["norm"], data["adapter"]["input_norm"]
+    cfg = ModelConfig.from_dict(data)
+    assert (cfg.adapter.norm, cfg.adapter.input_norm) == ("none", "none")
+
+
+def test_utterance_norm_removes_each_utterances_offset_and_scale_and_ignores_padding() -> None:
+    torch.manual_seed(0)
+    model = SpeechLLaMA(_tiny(**{"adapter.input_norm": "utterance"})).eval()
+    d = model.encoder.output_dim
+    frames = torch.randn(2, 12, d)
+    lens = torch.tensor([12, 7])
+    frames[1, 7:] = 1e4  # padding: must not move row 1's statistics
+    out, _ = model.adapter(frames, lens)
+    # a voice's constant offset and gain per channel: the decoder sees the same embeddings
+    shifted = frames * (1.0 + torch.rand(1, 1, d)) + 5.0 * torch.randn(1, 1, d)
+    torch.testing.assert_close(model.adapter(shifted, lens)[0], out, rtol=1e-4, atol=1e-4)
+    alone, _ = model.adapter(frames[1:, :7], lens[1:])
+    torch.testing.assert_close(out[1, :4], alone[0])  # batch-independent
+    plain = SpeechLLaMA(_tiny()).eval()
+    plain.adapter.load_state_dict(model.adapter.state_dict())  # no parameters of its own
+    assert not torch.allclose(plain.adapter(shifted, lens)[0], out)
 
 
 def test_rms_norm_puts_audio_at_the_text_embedding_scale() -> None:

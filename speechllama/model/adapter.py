@@ -17,7 +17,8 @@ class Adapter(nn.Module):
     """(B, T, d_in) encoder frames -> (B, ceil(T / stack), d_out) audio embeddings.
 
     ``linear``: one projection of the stacked frames. ``mlp``: Linear -> GELU -> Linear with
-    width ``cfg.hidden`` (0 = ``d_out``).
+    width ``cfg.hidden`` (0 = ``d_out``). ``cfg.input_norm == "utterance"``: per-utterance
+    mean and variance normalisation of the frames first (see ``utterance_norm``).
     """
 
     def __init__(self, cfg: AdapterConfig, d_in: int, d_out: int) -> None:
@@ -34,6 +35,7 @@ class Adapter(nn.Module):
         else:
             raise ValueError(f"unknown adapter kind {cfg.kind!r}; choose linear or mlp")
         self.norm = nn.RMSNorm(d_out, eps=1e-6) if cfg.norm == "rms" else None
+        self.input_norm = cfg.input_norm
 
     @torch.no_grad()
     def match_scale(self, embed: torch.Tensor) -> None:
@@ -50,6 +52,8 @@ class Adapter(nn.Module):
         what else is in the batch."""
         B, T, d = x.shape
         valid = torch.arange(T, device=x.device)[None, :] < lens[:, None]
+        if self.input_norm == "utterance":
+            x = utterance_norm(x, valid)
         x = x * valid[..., None].to(x.dtype)
         pad = -T % self.stack
         if pad:
@@ -59,3 +63,16 @@ class Adapter(nn.Module):
         if self.norm is not None:
             out = self.norm(out)
         return out, torch.div(lens + self.stack - 1, self.stack, rounding_mode="floor")
+
+
+def utterance_norm(x: torch.Tensor, valid: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """x (B, T, d), valid (B, T) bool -> x with each utterance's channels at zero mean and unit
+    variance over its valid frames (statistics in fp32; padding frames do not count, so the
+    result does not depend on what else is in the batch). Frames past the length come out as
+    garbage; the caller zeroes them."""
+    mask = valid[..., None].to(torch.float32)
+    n = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    xf = x.float()
+    mean = (xf * mask).sum(dim=1, keepdim=True) / n
+    var = ((xf - mean).pow(2) * mask).sum(dim=1, keepdim=True) / n
+    return ((xf - mean) * torch.rsqrt(var + eps)).to(x.dtype)

@@ -64,6 +64,11 @@ class AdapterConfig:
     # embeddings, so a pre-norm decoder's residual stream at audio positions barely changes
     # from layer to layer.
     norm: str = "none"
+    # "utterance": normalise each encoder channel to zero mean and unit variance over the
+    # utterance's valid frames before stacking (CMVN on encoder outputs). Parameter-free, so a
+    # voice's or a channel's constant offset in the encoder's output space never reaches the
+    # decoder: a candidate lever against the synthetic-to-real gap (issue 13's campaign).
+    input_norm: str = "none"
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,11 @@ class ModelConfig:
         if self.adapter.norm not in ("none", "rms"):
             norm = self.adapter.norm
             raise ValueError(f"model config adapter.norm must be 'none' or 'rms', not {norm!r}")
+        if self.adapter.input_norm not in ("none", "utterance"):
+            bad = self.adapter.input_norm
+            raise ValueError(
+                f"model config adapter.input_norm must be 'none' or 'utterance', not {bad!r}"
+            )
         if self.ctc_on not in ("encoder", "adapter"):
             raise ValueError(
                 f"model config ctc_on must be 'encoder' or 'adapter', not {self.ctc_on!r}"
