@@ -232,6 +232,7 @@ def run_bench(
         "utterances": len(kept), "audio_seconds": rows[0]["audio_seconds"],
         "encoder_seconds": rows[0]["encoder_seconds"],
         "heads": options.num_heads or model.config.heads.num_heads,
+        "precision": transcriber.meta.get("decode_precision", "float32"),
     }  # fmt: skip
     if any(not isinstance(r, StrategyRunner) for r in runners.values()):
         from speechllama.bench_hf import transformers_version
@@ -322,7 +323,8 @@ def format_table(report: BenchReport) -> str:
         + f" | {h['threads']} threads ({h['interop_threads']} interop) | {h['cpu']}"
         + f" | device {h['device']}",
         f"{h['utterances']} utterances, {h['audio_seconds']:.1f} s of audio | batch size "
-        f"{h['batch_size']} | K = {h['heads']} heads | times: median of {h['repeats']} "
+        f"{h['batch_size']} | K = {h['heads']} heads | decoder {h.get('precision', 'float32')} "
+        f"| times: median of {h['repeats']} "
         "repeat(s) after a warm-up",
         f"encoder (features + encoder + adapter) {h['encoder_seconds']:.3f} s, RTF "
         f"{h['encoder_seconds'] / h['audio_seconds']:.4f}; its embeddings are shared by all",

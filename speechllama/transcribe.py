@@ -396,13 +396,19 @@ def resolve_model_dir(name_or_path: str | os.PathLike | None) -> Path:
 
 
 def load_model(
-    name_or_path: str | os.PathLike | None = None, device: str = "cpu", merge_lora: bool = True
+    name_or_path: str | os.PathLike | None = None,
+    device: str = "cpu",
+    merge_lora: bool = True,
+    precision: str = "float32",
 ) -> Transcriber:
     """Load a checkpoint directory (config.json + model.safetensors + tokenizer.model) or a
     bundled model by name (None or ``"default"``: the default model). A sourced preset name
     (``"smollm"``) with no bundled checkpoint builds that preset from its installed packages,
     adapter and heads untrained (``meta`` is then ``{"preset": name}``). ``merge_lora``: fold
-    LoRA deltas into the decoder (faster calls; False keeps them apart, e.g. to count them)."""
+    LoRA deltas into the decoder (faster calls; False keeps them apart, e.g. to count them).
+    ``precision``: the decoder's at decode time, "float32", "bfloat16" or "int8" (see
+    ``SpeechLLaMA.set_decode_precision``); other than float32 it is recorded in ``meta``, so
+    a resumed evaluation never mixes hypotheses of two precisions."""
     from speechllama.checkpoint import load_checkpoint
     from speechllama.model.config import SOURCED_PRESETS
 
@@ -414,6 +420,10 @@ def load_model(
         from speechllama.model.sourced import model_from_preset
 
         model, tokenizer = model_from_preset(name_or_path, device=device)
-        return Transcriber(model, tokenizer, {"preset": name_or_path})
-    model, tokenizer, meta = load_checkpoint(path, device=device, merge_lora=merge_lora)
+        meta: dict[str, Any] = {"preset": name_or_path}
+    else:
+        model, tokenizer, meta = load_checkpoint(path, device=device, merge_lora=merge_lora)
+    model.set_decode_precision(precision)
+    if precision != "float32":
+        meta = {**meta, "decode_precision": precision}
     return Transcriber(model, tokenizer, meta)

@@ -56,6 +56,24 @@ def test_transcribe_prints_path_tab_text(ckpt, wavs, capsys):
     assert [lines[str(w)] for w in wavs] == [r.text for r in expected]
 
 
+def test_transcribe_dtype_runs_the_decoder_at_that_precision(ckpt, wavs, capsys):
+    from speechllama import load_model
+
+    code = main(["transcribe", "--model", str(ckpt), "--threads", "1", "--dtype", "int8",
+                 *map(str, wavs)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0 and captured.err == ""
+    lines = dict(line.split("\t", 1) for line in captured.out.splitlines())
+    int8 = load_model(ckpt, precision="int8")
+    assert int8.meta["decode_precision"] == "int8"
+    assert int8.model.decoder.layers[0].mlp.packed.int8
+    assert [lines[str(w)] for w in wavs] == [r.text for r in int8.transcribe(wavs)]
+    with pytest.raises(ValueError, match="decode precision 'fp8'"):
+        load_model(ckpt, precision="fp8")
+    with pytest.raises(SystemExit):
+        main(["transcribe", "--model", str(ckpt), "--dtype", "fp8", *map(str, wavs)])
+
+
 def test_transcribe_stats_go_to_stderr_and_add_up(ckpt, wavs, capsys):
     from speechllama import load_model
 

@@ -55,9 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--num-heads", type=int, metavar="K", help="prediction heads used (default: all)"
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="decoder and heads weights at decode time; bfloat16 halves the bytes a "
-                        "call reads (CPUs with avx512_bf16)")  # fmt: skip
+                        "call reads (CPUs with avx512_bf16), int8 quarters them (int8 weights "
+                        "and per-row int8 activations, CPU)")  # fmt: skip
     p.add_argument("--max-tokens-per-second", type=float, metavar="R",
                    help="transcript length limit per second of audio (default: 12)")  # fmt: skip
     p.add_argument("--json", type=Path, metavar="FILE", help="write the rows as a JSON list")
@@ -102,11 +103,7 @@ def run(args: argparse.Namespace) -> int:
     utts = load_manifest(args.manifest, check_audio=False)
     if args.limit is not None:
         utts = utts[: args.limit]
-    model = load_model(args.model, device=args.device)
-    if args.dtype != "float32":
-        import torch
-
-        model.model.set_decoder_dtype(getattr(torch, args.dtype))
+    model = load_model(args.model, device=args.device, precision=args.dtype)
     report = run_bench(model, utts, methods, options, repeats=args.repeats)
     for error in report.errors:
         print(f"{_PROG}: error: {error}", file=sys.stderr)

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-wait-ms must be >= 0, --max-upload-mb and --max-audio-s > 0")
     setup_torch(args)
     options = decoding_options(args)
-    transcriber = load_model(args.model, device=args.device)
+    transcriber = load_model(args.model, device=args.device, precision=args.dtype)
     config = ServeConfig(
         model_id=args.served_name,
         max_batch=args.max_batch,

@@ -89,8 +89,13 @@ class OutputHeads(nn.Module):
         if select is not None:
             hidden = gather_positions(hidden, select)
         # Packed weights only when the call has several rows or is not fp32: with one fp32 row
-        # (greedy at batch 1) MKL is as fast, the n - 1 latents' un-embedding included.
-        several = hidden.shape[0] * hidden.shape[1] > 1 or hidden.dtype != torch.float32
+        # (greedy at batch 1) MKL is as fast, the n - 1 latents' un-embedding included. In int8
+        # mode always, so that one-row and several-row calls compute the same function.
+        several = (
+            hidden.shape[0] * hidden.shape[1] > 1
+            or hidden.dtype != torch.float32
+            or self.packed.int8
+        )
         return self.logits(hidden, n, decode=cache is not None and several)
 
     def logits(self, hidden: torch.Tensor, n: int, decode: bool = False) -> torch.Tensor:

@@ -15,12 +15,21 @@ The packed copies live beside the parameters (they double the decoder's weight m
 rebuilt whenever a weight changes (its storage or its version counter: an optimizer step,
 ``load_state_dict``, ``.to()``). They are used only where no gradient can be needed; training
 and anything else (another device, autocast, a dtype oneDNN does not pack) take ``F.linear``.
+
+With ``int8`` set (``SpeechLLaMA.set_decoder_int8``) the same store holds int8 copies instead,
+and every row count goes through :mod:`speechllama.model.int8`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from speechllama.model.int8 import int8_linear, quantize_weight
+from speechllama.model.int8 import usable as int8_usable
 
 _REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -40,13 +49,32 @@ class PackedLinears:
     """Per-module store of packed (and, for several matrices, concatenated) weights.
 
     ``linear(x, name, weights)`` = ``F.linear(x, cat(weights))`` (B, T, sum of out features):
-    several matrices reading the same input (q|k|v, gate|up) become one matmul."""
+    several matrices reading the same input (q|k|v, gate|up) become one matmul. ``int8``: run
+    those matmuls on int8 copies of the weights (an approximation, see ``model.int8``)."""
 
     def __init__(self) -> None:
-        self._store: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._store: dict[str, tuple[tuple, Any]] = {}
+        self.int8 = False
+
+    def _get(
+        self, name: str, weights: tuple[torch.Tensor, ...], build: Callable[[torch.Tensor], Any]
+    ) -> Any:
+        """The stored copy of ``weights`` under ``name``, rebuilt with ``build(w)`` (w: the
+        matrices concatenated) whenever a weight or the int8 setting changed."""
+        key = (self.int8, *((w.data_ptr(), _version(w), w.dtype, w.shape) for w in weights))
+        hit = self._store.get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                w = weights[0] if len(weights) == 1 else torch.cat(weights)
+                hit = (key, build(w.detach()))
+            self._store[name] = hit
+        return hit[1]
 
     def linear(self, x: torch.Tensor, name: str, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         w0 = weights[0]
+        if self.int8 and int8_usable(x, w0):
+            w8, scale = self._get(name, weights, quantize_weight)
+            return int8_linear(x, w8, scale)
         # One fp32 row (a 1-token call at batch 1) keeps MKL's gemv: the packed kernel was
         # 0.6 ms slower per 1-token call of ``small`` (1 thread, one model per process: 6.2-6.5
         # against 5.6-5.7 ms in three runs). bf16 packs at every row count: 4.3 ms against 5.7
@@ -64,24 +92,20 @@ class PackedLinears:
             if len(weights) == 1:
                 return F.linear(x, w0)
             return torch.cat([F.linear(x, w) for w in weights], dim=-1)
-        key = tuple((w.data_ptr(), _version(w), w.dtype, w.shape) for w in weights)
-        hit = self._store.get(name)
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                w = w0 if len(weights) == 1 else torch.cat(weights)
-                hit = (key, _REORDER(w.detach(), None))
-            self._store[name] = hit
-        out = _LINEAR(x.reshape(-1, x.shape[-1]), hit[1], None, "none", [], "")
+        packed = self._get(name, weights, lambda w: _REORDER(w, None))
+        out = _LINEAR(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def clear(self) -> None:
         self._store.clear()
 
     def __deepcopy__(self, memo: dict) -> PackedLinears:
-        return PackedLinears()  # a copy's weights live elsewhere: it packs its own
+        copy = PackedLinears()  # a copy's weights live elsewhere: it packs its own
+        copy.int8 = self.int8
+        return copy
 
     def __getstate__(self) -> dict:
-        return {"_store": {}}
+        return {"_store": {}, "int8": self.int8}
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -22,6 +22,7 @@ from speechllama.model.config import ModelConfig
 from speechllama.model.decoder import KVCache, LlamaDecoder
 from speechllama.model.heads import build_heads
 from speechllama.model.hf_llama import hf_decoder_config, load_hf_llama
+from speechllama.model.packed import PackedLinears
 
 # Decoder fields a pretrained LLM fixes; dropout and max_seq_len stay the run's choice.
 _STRUCTURAL = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -193,6 +194,27 @@ class SpeechLLaMA(nn.Module):
         self.heads.to(dtype)
         return self
 
+    def set_decoder_int8(self, enabled: bool = True) -> SpeechLLaMA:
+        """Run the decoder's and heads' matmuls in decoder calls (prefill and step) on int8
+        weights with per-row int8 activations, on CPU (``speechllama.model.int8``): a call reads
+        a quarter of the fp32 bytes. An approximation of the fp32 model, like bf16, but each
+        row's result still depends on that row alone, so verification still reproduces greedy
+        decoding. Training and teacher-forced passes are unaffected."""
+        for module in [*self.decoder.modules(), *self.heads.modules()]:
+            packed = getattr(module, "packed", None)
+            if isinstance(packed, PackedLinears):
+                packed.int8 = enabled
+        return self
+
+    def set_decode_precision(self, name: str) -> SpeechLLaMA:
+        """``--dtype`` of ``transcribe`` and ``bench``: "float32" (as trained), "bfloat16"
+        (:meth:`set_decoder_dtype`) or "int8" (:meth:`set_decoder_int8`)."""
+        if name not in DECODE_PRECISIONS:
+            choices = ", ".join(DECODE_PRECISIONS)
+            raise ValueError(f"unknown decode precision {name!r}; choose {choices}")
+        self.set_decoder_int8(name == "int8")
+        return self.set_decoder_dtype(torch.bfloat16 if name == "bfloat16" else torch.float32)
+
     # --- pretrained decoders, bookkeeping -----------------------------------------------------
 
     def load_pretrained_decoder(self, path: str | Path) -> None:
@@ -252,6 +274,9 @@ def with_pretrained_decoder(config: ModelConfig, path: str | Path) -> ModelConfi
     new = config.replace(decoder=decoder)
     new.validate()
     return new
+
+
+DECODE_PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 def _mask_audio(audio: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
