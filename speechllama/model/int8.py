@@ -8,10 +8,19 @@ thread, AMD EPYC with avx512_vnni, session 5).
 
 Why per-row activation scales, and not fbgemm's dynamic quantisation (``torch.ao``, also
 deprecated): fbgemm quantises the whole input with one scale, so a row's output depends on the
-other rows of the call. Verification would then no longer reproduce greedy decoding, and the
-other utterances of a batch would change an utterance's transcript. Here each row has its own
-scale, and integer sums are exact in any order, so a row's output depends on that row alone:
-int8 verify-exact still equals int8 greedy, token for token (tested).
+other rows of the call, and the other utterances of a batch would change an utterance's
+transcript. Here each row has its own scale and integer sums are exact in any order, so every
+matmul's output for a row is bit for bit the same whatever else is in the call (tested).
+
+Verification against greedy: the attention of a k-token call still differs from a 1-token
+call's by float rounding (~1e-6, as in fp32), and where an activation sits on an int8 rounding
+boundary that difference becomes one quantisation step. So int8 verify-exact equals int8
+greedy almost always, not always: on 47 of 47 real-smoke and 149 of 150 synth-heldout
+utterances of the default model (session 5), where fp32 matched on all of them.
+
+Measured (bench, batch 1, 2 threads, quiet machine): ``small``'s greedy decoder time 1.12-1.18x
+lower, WER 62.50 -> 64.71% on real-smoke and 51.23 -> 50.35% on synth-heldout; SmolLM2's
+1-token call 47 -> 21 ms.
 """
 
 from __future__ import annotations

@@ -197,9 +197,10 @@ class SpeechLLaMA(nn.Module):
     def set_decoder_int8(self, enabled: bool = True) -> SpeechLLaMA:
         """Run the decoder's and heads' matmuls in decoder calls (prefill and step) on int8
         weights with per-row int8 activations, on CPU (``speechllama.model.int8``): a call reads
-        a quarter of the fp32 bytes. An approximation of the fp32 model, like bf16, but each
-        row's result still depends on that row alone, so verification still reproduces greedy
-        decoding. Training and teacher-forced passes are unaffected."""
+        a quarter of the fp32 bytes. An approximation of the fp32 model, like bf16; each row's
+        matmuls still depend on that row alone, so batching does not change a transcript and
+        verification reproduces int8 greedy almost always (see the module for the exception).
+        Training and teacher-forced passes are unaffected."""
         for module in [*self.decoder.modules(), *self.heads.modules()]:
             packed = getattr(module, "packed", None)
             if isinstance(packed, PackedLinears):
