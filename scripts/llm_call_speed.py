@@ -2,6 +2,7 @@
 
 Usage:
     .venv/bin/python scripts/llm_call_speed.py                    # smollm, 2 threads
+    .venv/bin/python scripts/llm_call_speed.py --dtypes float32 int8   # int8 against fp32
     .venv/bin/python scripts/llm_call_speed.py --model DIR --dtypes float32 --repeats 50
 
 One decoder call = k new tokens after a context of ``--context`` positions (the audio embeddings
@@ -42,18 +43,22 @@ def bandwidth_gb_s(repeats: int = 5) -> float:
     return x.numel() * x.element_size() / best / 1e9
 
 
-def weight_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+def weight_bytes(model: torch.nn.Module, precision: str) -> int:
     """Bytes a decoder call reads: every decoder matrix (not the embedding table, of which a
-    call reads k rows) plus the output layer."""
+    call reads k rows) plus the output layer; int8 counts one byte per weight (its per-channel
+    scales are negligible)."""
     d = model.config.decoder
-    per_elem = torch.finfo(dtype).bits // 8
+    per_elem = 1 if precision == "int8" else torch.finfo(getattr(torch, precision)).bits // 8
     params = sum(p.numel() for n, p in model.decoder.named_parameters() if n != "embed.weight")
     return (params + d.vocab_size * d.d_model) * per_elem
 
 
 @torch.inference_mode()
-def time_dtype(model: torch.nn.Module, dtype: torch.dtype, args: argparse.Namespace) -> dict:
-    model = model.set_decoder_dtype(dtype)
+def time_precision(model: torch.nn.Module, precision: str, args: argparse.Namespace) -> dict:
+    """Interleaved per-call times of ours at ``precision`` and of transformers in the same
+    dtype; for int8 (ours only) transformers runs in fp32."""
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    model.set_decode_precision(precision)  # int8 keeps the fp32 weights, which hf copies
     hf = to_hf_llama(model)
     vocab = model.config.decoder.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -98,7 +103,9 @@ def time_dtype(model: torch.nn.Module, dtype: torch.dtype, args: argparse.Namesp
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm", help="a checkpoint directory or a sourced preset")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
+                   choices=("float32", "bfloat16", "int8"),
+                   help="our decoder's precision; transformers runs int8 rows in fp32")  # fmt: skip
     p.add_argument("--ks", type=int, nargs="+", default=[1, 4])
     p.add_argument("--context", type=int, default=100, help="positions already in the cache")
     p.add_argument("--threads", type=int, default=2)
@@ -118,9 +125,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for name in args.dtypes:
-        dtype = getattr(torch, name)
-        times = time_dtype(model, dtype, args)
-        floor = weight_bytes(model, dtype) / (bw * 1e9) * 1000
+        times = time_precision(model, name, args)
+        floor = weight_bytes(model, name) / (bw * 1e9) * 1000
         for k in args.ks:
             ours, hf = times[f"ours{k}"], times[f"hf{k}"]
             ratio = med(h / o for h, o in zip(hf, ours, strict=True))

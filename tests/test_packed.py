@@ -44,6 +44,26 @@ def test_packed_rows_do_not_depend_on_the_row_count() -> None:
 
 
 @needs_onednn
+def test_one_row_packing_is_chosen_by_the_decoders_weight_bytes(monkeypatch) -> None:
+    ws = _weights()
+    x = torch.randn(1, 9, 24, generator=torch.Generator().manual_seed(3))
+    p = PackedLinears()
+    with torch.inference_mode():
+        every = p.linear(x, "w", ws)
+        p.one_row = True  # one row now takes the packed kernel: the same bits as in a block
+        assert torch.equal(p.linear(x[:, :1], "w", ws), every[:, :1])
+    assert copy.deepcopy(p).one_row
+    from speechllama.model.config import preset
+    from speechllama.model.speechllama import SpeechLLaMA
+
+    cfg = preset("tiny", 64)
+    assert not any(q.one_row for q in SpeechLLaMA(cfg)._packed())  # kilobytes: MKL at one row
+    monkeypatch.setattr("speechllama.model.speechllama.PACK_ALL_ONE_ROW_BYTES", 1)
+    stores = SpeechLLaMA(cfg)._packed()
+    assert stores and all(q.one_row for q in stores)
+
+
+@needs_onednn
 def test_packed_weights_follow_in_place_updates_and_are_not_deep_copied() -> None:
     w = torch.nn.Parameter(torch.randn(16, 24))
     x = torch.randn(3, 24)

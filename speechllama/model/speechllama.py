@@ -22,7 +22,7 @@ from speechllama.model.config import ModelConfig
 from speechllama.model.decoder import KVCache, LlamaDecoder
 from speechllama.model.heads import build_heads
 from speechllama.model.hf_llama import hf_decoder_config, load_hf_llama
-from speechllama.model.packed import PackedLinears
+from speechllama.model.packed import PACK_ALL_ONE_ROW_BYTES, PackedLinears
 
 # Decoder fields a pretrained LLM fixes; dropout and max_seq_len stay the run's choice.
 _STRUCTURAL = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -52,6 +52,7 @@ class SpeechLLaMA(nn.Module):
         d_ctc = config.decoder.d_model if config.ctc_on == "adapter" else d_enc
         self.ctc_head = nn.Linear(d_ctc, config.decoder.vocab_size) if config.ctc else None
         self.decoder_calls = 0  # incremented by prefill() and step(): strategies cannot forget
+        self._choose_packing()
 
     # --- audio -> embeddings ----------------------------------------------------------------
 
@@ -192,7 +193,23 @@ class SpeechLLaMA(nn.Module):
         embeddings are cast on entry and logits come out in fp32."""
         self.decoder.to(dtype)
         self.heads.to(dtype)
+        self._choose_packing()
         return self
+
+    def _packed(self) -> list[PackedLinears]:
+        """The packed-weight stores of the decoder's and heads' decoder-call matmuls."""
+        found = (
+            getattr(m, "packed", None) for m in [*self.decoder.modules(), *self.heads.modules()]
+        )
+        return [p for p in found if isinstance(p, PackedLinears)]
+
+    def _choose_packing(self) -> None:
+        """One-row calls pack every matrix when the decoder's weights are too large to stay
+        in cache between calls (``packed.PACK_ALL_ONE_ROW_BYTES``)."""
+        params = {id(p): p for p in [*self.decoder.parameters(), *self.heads.parameters()]}
+        nbytes = sum(p.numel() * p.element_size() for p in params.values())
+        for packed in self._packed():
+            packed.one_row = nbytes >= PACK_ALL_ONE_ROW_BYTES
 
     def set_decoder_int8(self, enabled: bool = True) -> SpeechLLaMA:
         """Run the decoder's and heads' matmuls in decoder calls (prefill and step) on int8
@@ -201,10 +218,8 @@ class SpeechLLaMA(nn.Module):
         matmuls still depend on that row alone, so batching does not change a transcript and
         verification reproduces int8 greedy almost always (see the module for the exception).
         Training and teacher-forced passes are unaffected."""
-        for module in [*self.decoder.modules(), *self.heads.modules()]:
-            packed = getattr(module, "packed", None)
-            if isinstance(packed, PackedLinears):
-                packed.int8 = enabled
+        for packed in self._packed():
+            packed.int8 = enabled
         return self
 
     def set_decode_precision(self, name: str) -> SpeechLLaMA:
