@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", metavar="DIR", help="also our model (checkpoint directory)")
     p.add_argument("--device", default="cpu", help="torch device for --model (default: cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="--model's decoder precision (default: float32)")  # fmt: skip
     p.add_argument(
         "--threads",
         type=int,
@@ -108,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.model:
             from speechllama.transcribe import load_model
 
-            model = load_model(args.model, device=args.device)
+            model = load_model(args.model, device=args.device, precision=args.dtype)
             where = Path(args.model)
             name = f"speechllama {where.parent.name}/{where.name}" if where.is_dir() else None
-            systems.insert(0, OurModel(model, decoding_options(args), name or "speechllama"))
+            name = (name or "speechllama") + ("" if args.dtype == "float32" else f" {args.dtype}")
+            systems.insert(0, OurModel(model, decoding_options(args), name))
         rows, errors = [], []
         for name, path in named_manifests(args):
             data = load_set(name, path, args.limit)
