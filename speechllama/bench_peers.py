@@ -321,10 +321,14 @@ def _version(dist: str) -> str | None:
 
 def header(chunk: int) -> dict[str, Any]:
     """The machine and library versions the numbers come from."""
+    import speechllama
     from speechllama.bench import cpu_model
 
-    libs = ("speechllama", "torch", "faster-whisper", "ctranslate2", "pocketsphinx")
-    versions = {d: v for d in libs if (v := _version(d)) is not None}
+    libs = ("torch", "faster-whisper", "ctranslate2", "pocketsphinx")
+    # the package's own version, not the installed metadata, which an editable install
+    # freezes at whatever version it was installed with
+    versions = {"speechllama": speechllama.__version__}
+    versions |= {d: v for d in libs if (v := _version(d)) is not None}
     return {
         "cpu": cpu_model(),
         "python": platform.python_version(),
