@@ -58,9 +58,9 @@ def table(results: Sequence[dict[str, Any]]) -> str:
 
 def plot(results: Sequence[dict[str, Any]], sets: Sequence[str], path: Path) -> None:
     """Grouped bars of every run on each of ``sets`` (the real-speech sets), runs labelled
-    "name (lever)": greedy WER (%) above and reference cross-entropy below (the panel that
-    separates runs whose WERs all sit near 90%), so each lever reads off against the
-    baseline's bars."""
+    "name (lever)": greedy WER (%) above, and below the reference cross-entropy (the panel
+    that separates runs whose WERs all sit near 90%) minus the ``baseline`` run's where there
+    is one, so that a lever's 0.05 nats show beside sets whose CE differs by 4."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -72,15 +72,18 @@ def plot(results: Sequence[dict[str, Any]], sets: Sequence[str], path: Path) -> 
     wer_ax, ce_ax = fig.subplots(2, 1, sharex=True)
     width = 0.8 / max(1, len(sets))
     nan = float("nan")
+    base = next((r.get("ce", {}) for r in results if r["name"] == "baseline"), {})
     for j, name in enumerate(sets):
         xs = [i + (j - (len(sets) - 1) / 2) * width for i in range(len(results))]
         wer_ax.bar(xs, [100 * r["wer"].get(name, nan) for r in results], width, label=name)
-        ce_ax.bar(xs, [r.get("ce", {}).get(name, nan) for r in results], width, label=name)
+        ce = [r.get("ce", {}).get(name, nan) - base.get(name, 0.0) for r in results]
+        ce_ax.bar(xs, ce, width, label=name)
     ce_ax.set_xticks(range(len(results)))
     ce_ax.set_xticklabels([f"{r['name']}\n({r['lever']})" for r in results], rotation=45,
                           ha="right", fontsize=8)  # fmt: skip
     wer_ax.set_ylabel("WER (%)")
-    ce_ax.set_ylabel("reference CE (nats/token)")
+    ce_ax.set_ylabel("CE minus baseline's (nats/token)" if base else "CE (nats/token)")
+    ce_ax.axhline(0.0, color="black", linewidth=0.8)
     wer_ax.set_title("Accuracy campaign on real speech, per run (greedy WER; teacher-forced CE)")
     wer_ax.legend()
     for ax in (wer_ax, ce_ax):
