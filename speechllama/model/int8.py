@@ -18,9 +18,10 @@ boundary that difference becomes one quantisation step. So int8 verify-exact equ
 greedy almost always, not always: on 47 of 47 real-smoke and 149 of 150 synth-heldout
 utterances of the default model (session 5), where fp32 matched on all of them.
 
-Measured (bench, batch 1, 2 threads, quiet machine): ``small``'s greedy decoder time 1.12-1.18x
-lower, WER 62.50 -> 64.71% on real-smoke and 51.23 -> 50.35% on synth-heldout; SmolLM2's
-1-token call 47 -> 21 ms.
+Measured (session 5, batch 1, 2 threads, nothing else running; docs/smollm.md): ``small``'s
+greedy decoder time 1.12-1.18x lower, WER 62.50 -> 64.71% on real-smoke and 51.23 -> 50.35%
+on synth-heldout; SmolLM2's 1-token call 35.6 -> 19.7 ms (``scripts/llm_call_speed.py``), its
+greedy decoding 1.38x faster.
 """
 
 from __future__ import annotations
