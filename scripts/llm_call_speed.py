@@ -29,6 +29,7 @@ import torch
 from time_decoder import interleaved, show
 
 from speechllama.bench_hf import to_hf_llama
+from speechllama.model.speechllama import DECODE_PRECISIONS
 
 
 def bandwidth_gb_s(repeats: int = 5) -> float:
@@ -103,8 +104,8 @@ def time_precision(model: torch.nn.Module, precision: str, args: argparse.Namesp
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm", help="a checkpoint directory or a sourced preset")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
-                   choices=("float32", "bfloat16", "int8"),
+    p.add_argument("--dtypes", nargs="+", default=list(DECODE_PRECISIONS),
+                   choices=DECODE_PRECISIONS,
                    help="our decoder's precision; transformers runs int8 rows in fp32")  # fmt: skip
     p.add_argument("--ks", type=int, nargs="+", default=[1, 4])
     p.add_argument("--context", type=int, default=100, help="positions already in the cache")

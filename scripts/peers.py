@@ -26,6 +26,7 @@ DEFAULT_SETS = ("real-smoke", "fsdd-test")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from speechllama.bench_peers import PEERS
     from speechllama.cli.transcribe import add_decoding_args
+    from speechllama.model.speechllama import DECODE_PRECISIONS
 
     p = argparse.ArgumentParser(
         prog="peers.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", metavar="DIR", help="also our model (checkpoint directory)")
     p.add_argument("--device", default="cpu", help="torch device for --model (default: cpu)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+    p.add_argument("--dtype", choices=DECODE_PRECISIONS, default="float32",
                    help="--model's decoder precision (default: float32)")  # fmt: skip
     p.add_argument(
         "--threads",

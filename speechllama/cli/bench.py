@@ -19,6 +19,7 @@ _PROG = "speechllama bench"
 
 def register(sub: argparse._SubParsersAction) -> None:
     from speechllama.bench_methods import DEFAULT_METHODS, METHODS
+    from speechllama.model.speechllama import DECODE_PRECISIONS
 
     p = sub.add_parser(
         "bench",
@@ -55,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--num-heads", type=int, metavar="K", help="prediction heads used (default: all)"
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+    p.add_argument("--dtype", choices=DECODE_PRECISIONS, default="float32",
                    help="decoder and heads weights at decode time; bfloat16 halves the bytes a "
                         "call reads (CPUs with avx512_bf16), int8 quarters them (int8 weights "
                         "and per-row int8 activations, CPU)")  # fmt: skip

@@ -22,6 +22,8 @@ _PROG = "speechllama transcribe"
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
+    from speechllama.model.speechllama import DECODE_PRECISIONS
+
     parser.add_argument(
         "--model",
         default=None,
@@ -31,7 +33,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "int8"),
+        choices=DECODE_PRECISIONS,
         default="float32",
         help="decoder precision at decode time: bfloat16 halves the bytes a decoder call "
         "reads (CPUs with avx512_bf16), int8 quarters them (int8 weights and per-row int8 "
