@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             where = Path(args.model)
             name = f"speechllama {where.parent.name}/{where.name}" if where.is_dir() else None
             name = (name or "speechllama") + ("" if args.dtype == "float32" else f" {args.dtype}")
+            # Batched rows are throughput, not latency: the table must say which it is.
+            name += f" batch {args.batch_size}" if args.batch_size != 1 else ""
             systems.insert(0, OurModel(model, decoding_options(args), name))
         rows, errors = [], []
         for name, path in named_manifests(args):

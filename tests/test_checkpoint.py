@@ -241,3 +241,14 @@ def _logits_train(model: SpeechLLaMA) -> torch.Tensor:
     feats = torch.randn(1, 80, 80)
     emb, lens = model.encode(feats, torch.tensor([80]))
     return model(emb, lens, torch.tensor([[1, 5, 6]]), torch.tensor([3])).float().pow(2).mean()
+
+
+def test_tied_ctc_head_survives_a_round_trip(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    # Resuming a run that added CTC through the LLM's embeddings must get its scale back.
+    cfg = preset("tiny", tokenizer.vocab_size).replace(ctc=True, ctc_on="adapter", ctc_tied=True)
+    model = SpeechLLaMA(cfg)
+    with torch.no_grad():
+        model.ctc_head.log_scale.fill_(0.75)
+    loaded, _, _ = load_checkpoint(save_checkpoint(model, tokenizer, tmp_path / "ckpt"))
+    assert loaded.config.ctc_tied
+    assert float(loaded.ctc_head.log_scale) == 0.75

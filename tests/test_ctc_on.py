@@ -62,3 +62,64 @@ def test_ctc_only_on_adapter_when_encoder_frozen_in_small_preset() -> None:
     assert preset("small", 64).ctc_on == "adapter"
     with pytest.raises(ValueError, match="ctc_on"):
         ModelConfig.from_dict({**ModelConfig().to_dict(), "ctc_on": "decoder"})
+
+
+def _tied_model() -> SpeechLLaMA:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        adapter=AdapterConfig(stack=2),
+        decoder=tiny_decoder(),
+        ctc=True,
+        ctc_on="adapter",
+        ctc_tied=True,
+    )
+    model = SpeechLLaMA(cfg, encoder=TinyEncoder())
+    model.encoder.requires_grad_(False)
+    model.decoder.requires_grad_(False)  # a frozen LLM: only the adapter (and scale) learn
+    return model
+
+
+def test_tied_ctc_scores_frames_against_the_token_embeddings() -> None:
+    model = _tied_model()
+    frames = torch.randn(2, 5, model.config.decoder.d_model)
+    expected = frames @ model.decoder.embed.weight.t()  # scale exp(0) = 1 at the start
+    torch.testing.assert_close(model.ctc_logits(frames), expected)
+    # A frame equal to a token's embedding scores that token highest (embeddings of a fresh
+    # decoder are nearly orthogonal): what lets CTC pull the adapter onto the LLM's inputs.
+    emb = model.decoder.embed.weight
+    assert int(model.ctc_logits(emb[None, 7:8].detach()).argmax()) == 7
+    # One parameter, and the embedding stays the decoder's (not a copy in the state dict).
+    assert [n for n, _ in model.ctc_head.named_parameters()] == ["log_scale"]
+
+
+def test_tied_ctc_trains_the_adapter_and_scale_not_the_frozen_embedding() -> None:
+    model = _tied_model()
+    model.zero_grad()
+    loss = compute_loss(model, _batch(), ctc_weight=0.5)
+    assert loss.ctc > 0
+    loss.total.backward()
+    assert model.decoder.embed.weight.grad is None
+    assert float(model.ctc_head.log_scale.grad.abs()) > 0
+    assert sum(float(p.grad.abs().sum()) for p in model.adapter.parameters()) > 0
+
+
+def test_tied_ctc_needs_the_adapter_side() -> None:
+    with pytest.raises(ValueError, match="ctc_tied"):
+        ModelConfig(decoder=tiny_decoder(), ctc=True, ctc_on="encoder", ctc_tied=True).validate()
+
+
+def test_a_checkpoint_gains_a_tied_ctc_head_for_fine_tuning(tmp_path) -> None:
+    from speechllama.train.build import with_ctc
+
+    model = SpeechLLaMA(
+        ModelConfig(adapter=AdapterConfig(stack=2), decoder=tiny_decoder()),
+        encoder=TinyEncoder(),
+    )
+    assert model.ctc_head is None
+    tuned = with_ctc(model, {"ctc": True, "ctc_on": "adapter", "ctc_tied": True})
+    assert tuned.config.ctc_tied and tuned.ctc_head is not None
+    frames = torch.randn(1, 3, tuned.config.decoder.d_model)
+    assert tuned.ctc_logits(frames).shape == (1, 3, tuned.config.decoder.vocab_size)
+    # Asking again for the head it has keeps it (a resumed stage must not reset it).
+    head = tuned.ctc_head
+    assert with_ctc(tuned, {"ctc": True, "ctc_on": "adapter", "ctc_tied": True}).ctc_head is head

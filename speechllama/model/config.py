@@ -129,6 +129,11 @@ class ModelConfig:
     # Where the CTC head reads: "encoder" frames, or the "adapter"'s audio embeddings. On a frozen
     # encoder only "adapter" can help: CTC on frozen frames trains nothing but its own head.
     ctc_on: str = "encoder"
+    # CTC over the decoder's own (frozen) token embeddings instead of a new output layer: each
+    # audio embedding is scored by its dot product with every token's input embedding, so CTC
+    # pulls the adapter's outputs towards the embeddings of the words spoken, the inputs a
+    # pretrained LLM already reads. Needs ctc_on="adapter"; adds one parameter (a scale).
+    ctc_tied: bool = False
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
@@ -202,6 +207,8 @@ class ModelConfig:
             raise ValueError(
                 f"model config ctc_on must be 'encoder' or 'adapter', not {self.ctc_on!r}"
             )
+        if self.ctc_tied and self.ctc_on != "adapter":
+            raise ValueError("model config ctc_tied needs ctc_on='adapter' (the decoder's width)")
         ids = (self.bos_id, self.eos_id, self.pad_id)
         if any(not 0 <= i < d.vocab_size for i in ids):
             raise ValueError("bos/eos/pad ids must lie inside the vocabulary")

@@ -50,7 +50,10 @@ class SpeechLLaMA(nn.Module):
         self.heads = build_heads(config, self.decoder.embed)
         # CTC blank is pad_id (0): the tokenizer reserves it, so it never is a transcript token.
         d_ctc = config.decoder.d_model if config.ctc_on == "adapter" else d_enc
-        self.ctc_head = nn.Linear(d_ctc, config.decoder.vocab_size) if config.ctc else None
+        self.ctc_head: nn.Module | None = None
+        if config.ctc:
+            vocab = config.decoder.vocab_size
+            self.ctc_head = TiedCTCScale() if config.ctc_tied else nn.Linear(d_ctc, vocab)
         self.decoder_calls = 0  # incremented by prefill() and step(): strategies cannot forget
         self._choose_packing()
 
@@ -71,6 +74,8 @@ class SpeechLLaMA(nn.Module):
         ``config.ctc_on`` names: encoder frames (B, T', d_enc) or audio embeddings (B, S, d_dec)."""
         if self.ctc_head is None:
             raise ValueError("this model has no CTC head (config.ctc is false)")
+        if isinstance(self.ctc_head, TiedCTCScale):
+            return self.ctc_head(frames, self.decoder.embed.weight)
         return self.ctc_head(frames)
 
     # --- teacher forcing ----------------------------------------------------------------------
@@ -293,6 +298,25 @@ def with_pretrained_decoder(config: ModelConfig, path: str | Path) -> ModelConfi
 
 
 DECODE_PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+class TiedCTCScale(nn.Module):
+    """CTC logits from the decoder's token embeddings (``config.ctc_tied``): frames (B, S, d)
+    and embedding (V, d) -> (B, S, V) = exp(log_scale) * frames @ embedding^T.
+
+    The embedding is passed in rather than held, so it stays one tensor of the decoder's (and
+    frozen with it). The adapter already matches its outputs to the embeddings' RMS, so a
+    frame equal to a token's embedding scores that token's squared norm (about 10 for
+    SmolLM2) against about 0.4 for an unrelated token: peaked enough at scale 1, which the
+    one parameter then tunes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, frames: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        logits = frames @ embedding.t().to(frames.dtype)
+        return logits * self.log_scale.exp().to(frames.dtype)
 
 
 def _mask_audio(audio: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:

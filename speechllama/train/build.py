@@ -60,14 +60,19 @@ def build_model(
     from speechllama.model.speechllama import SpeechLLaMA
 
     if init is not None:
-        if overrides and not all(k.startswith(LORA_KEYS) for k in overrides):
+        if overrides and not all(k.startswith(LORA_KEYS) or k in CTC_KEYS for k in overrides):
             raise ValueError(
                 "--model-set changes a preset; a --init checkpoint keeps its config (except "
-                "decoder.lora_rank/lora_alpha/lora_targets, which add LoRA to its decoder)"
+                "decoder.lora_rank/lora_alpha/lora_targets, which add LoRA to its decoder, and "
+                "ctc/ctc_on/ctc_tied, which add a CTC head)"
             )
         model, tok, _ = load_checkpoint(init)
-        if overrides:
-            model = with_lora(model, overrides)
+        lora = {k: v for k, v in (overrides or {}).items() if k.startswith(LORA_KEYS)}
+        if lora:
+            model = with_lora(model, lora)
+        ctc_set = {k: v for k, v in (overrides or {}).items() if k in CTC_KEYS}
+        if ctc or ctc_set:
+            model = with_ctc(model, {"ctc": True, **ctc_set})
         if tokenizer is not None and tokenizer_id(tokenizer) != tokenizer_id(tok):
             raise ValueError(f"{init}: --tokenizer differs from the checkpoint's tokenizer")
         if heads:
@@ -98,6 +103,24 @@ def build_model(
 
 
 LORA_KEYS = ("decoder.lora_rank", "decoder.lora_alpha", "decoder.lora_targets")
+CTC_KEYS = ("ctc", "ctc_on", "ctc_tied")
+
+
+def with_ctc(model: torch.nn.Module, overrides: dict[str, Any]) -> torch.nn.Module:
+    """``model`` (a trained checkpoint) with a fresh auxiliary CTC head as ``overrides``
+    (``ctc``/``ctc_on``/``ctc_tied``) ask, for a fine-tuning stage that adds CTC: e.g. an
+    adapter trained without it whose outputs CTC should pull towards the LLM's token
+    embeddings. A head the checkpoint already has, in the same configuration, is kept."""
+    from speechllama.model.speechllama import TiedCTCScale
+
+    cfg = model.config.with_overrides(overrides)
+    if cfg == model.config and model.ctc_head is not None:
+        return model
+    d = cfg.decoder.d_model if cfg.ctc_on == "adapter" else int(model.encoder.output_dim)
+    head = TiedCTCScale() if cfg.ctc_tied else torch.nn.Linear(d, cfg.decoder.vocab_size)
+    device = model.decoder.embed.weight.device
+    model.ctc_head, model.config = head.to(device), cfg
+    return model
 
 
 def with_lora(model: torch.nn.Module, overrides: dict[str, Any]) -> torch.nn.Module:
