@@ -123,3 +123,20 @@ def test_a_checkpoint_gains_a_tied_ctc_head_for_fine_tuning(tmp_path) -> None:
     # Asking again for the head it has keeps it (a resumed stage must not reset it).
     head = tuned.ctc_head
     assert with_ctc(tuned, {"ctc": True, "ctc_on": "adapter", "ctc_tied": True}).ctc_head is head
+
+
+@pytest.mark.parametrize(
+    ("freeze", "given", "expected"),
+    [((), None, 0.3), (("encoder", "adapter", "decoder"), None, 0.0), ((), 0.1, 0.1)],
+)
+def test_ctc_weight_defaults_off_when_the_trunk_is_frozen(freeze, given, expected) -> None:
+    # Heads-only training on the trunk (say, after a CTC stage) must not spend a CTC pass that
+    # can only train the CTC head itself.
+    from speechllama.train.config import TrainConfig
+    from speechllama.train.freeze import plan_run
+
+    cfg = TrainConfig(
+        train_manifest="t.jsonl", out_dir="o", preset="tiny", freeze=freeze, hidden_cache=False,
+        ctc_weight=given,
+    )  # fmt: skip
+    assert plan_run(cfg, _model("adapter")).ctc_weight == expected

@@ -128,7 +128,8 @@ def test_smollm_conf_trains_adapter_then_lora_then_heads(tmp_path):
     assert not any("tokenizer" in c for c in cmds)
     want = [
         r"train --train .*--preset smollm --heads 1 --head-kind linear --bf16 .*--out .*/nt$",
-        r"--init .*/nt/best --model-set decoder\.lora_rank=4 .*--out .*/nt_lora$",
+        r"--init .*/nt/best --model-set decoder\.lora_rank=4 .*--model-set ctc_tied=true "
+        r".*--ctc-weight 0\.3 --out .*/nt_lora$",
         r"--init .*/nt_lora/best --heads 4 --head-kind latent .*--no-hidden-cache --out .*/mtp$",
         r"evaluate D/real-smoke/manifest\.jsonl --model .*/mtp/best ",
         r"export .*/mtp/best --dtype float16 --out .*/speechllama/models/smollm$",

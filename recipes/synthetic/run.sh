@@ -178,7 +178,8 @@ if want 3 "next-token pre-training of $PRESET, $NT_STEPS steps -> $exp/nt"; then
     run "$speechllama" train --train "$train_manifest" "${common[@]}" --init "$exp/nt/best" \
       --model-set "decoder.lora_rank=$LORA_RANK" --model-set "decoder.lora_alpha=$LORA_ALPHA" \
       ${NT_BF16:+--bf16} --max-steps "$LORA_STEPS" --warmup "$LORA_WARMUP" --lr "$LORA_LR" \
-      --out "$exp/nt_lora"
+      ${LORA_CTC_TIED:+--model-set ctc=true --model-set ctc_tied=true --model-set 'ctc_on="adapter"'} \
+      ${LORA_CTC_TIED:+--ctc-weight $LORA_CTC_TIED} --out "$exp/nt_lora"
   fi
   finish 3
 fi

@@ -105,7 +105,9 @@ def plan_run(cfg: TrainConfig, model: nn.Module) -> RunPlan:
         if has_ctc:
             model.ctc_head.requires_grad_(False)  # no loss reaches it
         return RunPlan(pin=pin, hidden=True, ctc_weight=0.0)
-    ctc_weight = cfg.ctc_weight if cfg.ctc_weight is not None else 0.3 * has_ctc
+    # With the whole trunk frozen a CTC loss could only train its own head: off by default.
+    default = 0.0 if heads_only(cfg.freeze) else 0.3 * has_ctc
+    ctc_weight = cfg.ctc_weight if cfg.ctc_weight is not None else default
     if ctc_weight > 0 and not has_ctc:
         raise ValueError("--ctc-weight needs a model with a CTC head (this one has none)")
     return RunPlan(pin=pin, hidden=False, ctc_weight=ctc_weight)

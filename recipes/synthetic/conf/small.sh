@@ -40,6 +40,7 @@
 : "${LORA_STEPS:=0}"
 : "${LORA_WARMUP:=0}"
 : "${LORA_LR:=0}"
+: "${LORA_CTC_TIED:=}"            # CTC weight through the LLM's embeddings in the LoRA stage
 
 # --- stage 4: multi-token training (fine-tune stage 3's best with K heads) ------------------
 : "${HEADS:=4}"
