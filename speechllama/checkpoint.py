@@ -68,16 +68,23 @@ def encoder_from_source(config: ModelConfig) -> bool:
     return config.encoder.source is not None and config.encoder.frozen
 
 
+def sourced_encoder_names(model: torch.nn.Module, config: ModelConfig) -> set[str]:
+    """State-dict names of the encoder tensors that come from its source, not the checkpoint:
+    all of a frozen sourced encoder's but those of its trained top blocks (``train_top``)."""
+    if not encoder_from_source(config):
+        return set()
+    prefixes = getattr(model.encoder, "top_prefixes", lambda: ())()
+    kept = tuple(f"encoder.{p}" for p in prefixes)
+    return {k for k in model.state_dict() if k.startswith("encoder.") and not k.startswith(kept)}
+
+
 def trained_state(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores: everything, minus the encoder and the LLM decoder when
-    they come from source."""
+    """The tensors a checkpoint stores: everything, minus the encoder (but its trained top
+    blocks) and the LLM decoder when they come from source."""
     from speechllama.model.sourced import sourced_decoder_names
 
-    state = model.state_dict()
-    if encoder_from_source(config):
-        state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-    skip = sourced_decoder_names(config)
-    return {k: v for k, v in state.items() if k not in skip}
+    skip = sourced_decoder_names(config) | sourced_encoder_names(model, config)
+    return {k: v for k, v in model.state_dict().items() if k not in skip}
 
 
 def save_checkpoint(
@@ -223,15 +230,17 @@ def load_checkpoint(
     except Exception as exc:  # whatever a hostile config trips inside the model code
         raise CheckpointError(f"{root / CONFIG_FILE}: cannot build this model ({exc})") from None
     check_memory(shadow, root / CONFIG_FILE)
-    shapes = {k: tuple(v.shape) for k, v in _stored(shadow, "encoder." if sourced else None, skip)}
+    if sourced:
+        skip = skip | sourced_encoder_names(shadow, config)
+    shapes = {k: tuple(v.shape) for k, v in _stored(shadow, None, skip)}
     check_weights(root / WEIGHTS_FILE, shapes)
     del shadow
     model = SpeechLLaMA(config)
-    load_weights(model, root / WEIGHTS_FILE, "encoder." if sourced else None, skip)
-    if sourced:
+    if sourced:  # first, so that the stored top blocks (encoder.train_top) land over them
         from speechllama.model.weights import load_encoder_weights
 
         load_encoder_weights(model.encoder, config.encoder.source)
+    load_weights(model, root / WEIGHTS_FILE, None, skip)
     if sourced_llm:
         load_sourced_decoder(model, fresh=False)
     if merge_lora:

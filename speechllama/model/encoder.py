@@ -48,4 +48,8 @@ def build_encoder(cfg: EncoderConfig) -> SpeechEncoder:
         raise ValueError(f"unknown encoder kind {cfg.kind!r}; choose conformer or whisper")
     if cfg.frozen:
         encoder.freeze()
+    if cfg.train_top:
+        if not isinstance(encoder, WhisperEncoder):
+            raise ValueError("encoder.train_top needs a whisper encoder")
+        encoder.set_train_top(cfg.train_top)
     return encoder

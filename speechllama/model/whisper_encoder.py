@@ -115,6 +115,7 @@ class WhisperEncoder(SpeechEncoder):
             WhisperBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers)
         )
         self.ln_post = nn.LayerNorm(d_model)
+        self.train_top = 0  # the top blocks that train in a frozen encoder (set_train_top)
 
     @staticmethod
     def output_lengths(lens: torch.Tensor) -> torch.Tensor:
@@ -129,6 +130,14 @@ class WhisperEncoder(SpeechEncoder):
         Hidden frames past each sequence's length are zero. Raises ``ValueError`` when T' would
         exceed the positional table (30 s for Whisper).
         """
+        x, out_lens = self.lower(features, lens)
+        return self.upper(x, out_lens)
+
+    def lower(
+        self, features: torch.Tensor, lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen part: convs, positions and all blocks but the top ``train_top`` ->
+        (B, T', d_model), lens' (B,). What training caches when the top blocks train."""
         self.check_inputs(features, lens, self.n_mels)
         t_in = features.shape[1]
         t_out = int(self.output_lengths(torch.tensor(t_in)))
@@ -142,12 +151,38 @@ class WhisperEncoder(SpeechEncoder):
         x = zero_padding(F.gelu(self.conv1(x)), in_mask)
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T', d)
         out_lens = self.output_lengths(lens)
-        out_mask = valid_mask(out_lens, t_out)
         x = x + self.positions[:t_out].to(x.dtype)
+        key_mask = attention_mask(valid_mask(out_lens, t_out))
+        for block in self.blocks[: len(self.blocks) - self.train_top]:
+            x = block(x, key_mask)
+        return x, out_lens
+
+    def upper(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top ``train_top`` blocks and the final LayerNorm over :meth:`lower`'s output
+        x (B, T', d_model), lens (B,) -> hidden (B, T', d_model) zero past each length."""
+        out_mask = valid_mask(lens, x.shape[1])
         key_mask = attention_mask(out_mask)
-        for block in self.blocks:
+        for block in self.blocks[len(self.blocks) - self.train_top :]:
             x = block(x, key_mask)
         x = self.ln_post(x)
         if key_mask is not None:
             x = x * out_mask.unsqueeze(-1).to(x.dtype)
-        return x, out_lens
+        return x, lens
+
+    def set_train_top(self, n: int) -> None:
+        """Let the top ``n`` blocks and the final LayerNorm train while the rest stays frozen
+        (call after :meth:`freeze`). Whisper's dropout is 0, so the pinned eval mode changes
+        nothing for them."""
+        if not 0 <= n <= len(self.blocks):
+            raise ValueError(f"train_top must lie in 0..{len(self.blocks)}, got {n}")
+        self.train_top = n
+        for module in [*self.blocks[len(self.blocks) - n :], self.ln_post] if n else []:
+            module.requires_grad_(True)
+
+    def top_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes (under this module) of the parameters :meth:`set_train_top`
+        trains: what a checkpoint stores over the sourced weights."""
+        if not self.train_top:
+            return ()
+        first = len(self.blocks) - self.train_top
+        return (*(f"blocks.{i}." for i in range(first, len(self.blocks))), "ln_post.")

@@ -60,10 +60,13 @@ def entry_key(utt: Any, copy: int) -> str:
     return hashlib.sha1(raw.encode()).hexdigest()
 
 
-def fingerprint(encoder: torch.nn.Module, parts: dict[str, Any]) -> str:
-    """Hash of the encoder weights and the JSON-able ``parts`` (feature config, augmentation)."""
+def fingerprint(encoder: torch.nn.Module, parts: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """Hash of the encoder weights and the JSON-able ``parts`` (feature config, augmentation).
+    ``skip``: state-dict prefixes left out (trained top blocks that the cache does not run)."""
     h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     for name, tensor in sorted(encoder.state_dict().items()):
+        if skip and name.startswith(skip):
+            continue
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:20]

@@ -69,6 +69,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     warmup: int = 500
     weight_decay: float = 0.01
+    # Learning rate of a pretrained encoder's trained top blocks (model encoder.train_top), as
+    # a multiple of ``lr``: they start from weights that already work and should move slowly.
+    encoder_lr_scale: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     grad_accum: int = 1
     clip: float = 1.0
@@ -115,6 +118,8 @@ class TrainConfig:
                 raise ValueError(f"train option {name} must be positive, got {value}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"train option max_steps must be positive, got {self.max_steps}")
+        if not self.encoder_lr_scale > 0:
+            raise ValueError(f"encoder_lr_scale must be positive, got {self.encoder_lr_scale}")
         if self.warmup < 0 or self.clip < 0 or self.weight_decay < 0:
             raise ValueError("warmup, clip and weight_decay must not be negative")
         if self.ctc_weight is not None and not 0.0 <= self.ctc_weight < 1.0:

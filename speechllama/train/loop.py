@@ -142,17 +142,19 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
 
         # Weight decay on matrices only: decaying gains and biases pulls them to 0 for nothing.
-        self.optimizer = torch.optim.AdamW(
-            [
-                {
-                    "params": [p for p in self.params if p.dim() >= 2],
-                    "weight_decay": cfg.weight_decay,
-                },
-                {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0},
-            ],
-            lr=cfg.lr,
-            betas=cfg.betas,
-        )
+        # Trained blocks of a pretrained encoder (encoder.train_top) get their own, smaller
+        # learning rate; runs without them keep the two groups that older checkpoints saved.
+        encoder_ids = {id(p) for p in model.encoder.parameters()} if self._encoder_top() else set()
+        groups = []
+        for in_encoder in (False, True) if encoder_ids else (False,):
+            part = [p for p in self.params if (id(p) in encoder_ids) == in_encoder]
+            lr = cfg.lr * (cfg.encoder_lr_scale if in_encoder else 1.0)
+            groups += [
+                {"params": [p for p in part if p.dim() >= 2], "weight_decay": cfg.weight_decay,
+                 "lr": lr},
+                {"params": [p for p in part if p.dim() < 2], "weight_decay": 0.0, "lr": lr},
+            ]  # fmt: skip
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
         self.scheduler = build_scheduler(
             self.optimizer, cfg.warmup, self.total_steps, cfg.min_lr_ratio
         )
@@ -220,6 +222,12 @@ class Trainer:
             heads=heads,
             overrides=cfg.model_overrides,
         )
+
+    def _encoder_top(self) -> bool:
+        """Whether this run trains the top blocks of a frozen pretrained encoder."""
+        from speechllama.train.step import encoder_split
+
+        return encoder_split(self.model.encoder)
 
     # --- the loop -------------------------------------------------------------------------------
 

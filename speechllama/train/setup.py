@@ -31,6 +31,7 @@ from speechllama.train.hidden import (
     build_hidden_cache,
     hidden_fingerprint,
 )
+from speechllama.train.step import encoder_split
 
 _MIN_SECONDS = 0.1
 
@@ -109,7 +110,8 @@ def encoder_cache_parts(cfg: TrainConfig, mcfg: ModelConfig) -> dict[str, Any]:
     return {
         "features": mcfg.encoder.features,
         "n_mels": mcfg.encoder.n_mels,
-        "encoder": mcfg.encoder.__dict__,
+        # train_top=0 is left out so that caches made before the field existed stay valid.
+        "encoder": {k: v for k, v in mcfg.encoder.__dict__.items() if k != "train_top" or v},
         "augment": cfg.augment if augmented else None,
         "seed": cfg.seed if augmented else 0,
     }
@@ -139,16 +141,22 @@ def prepare_data(
 
     cache = None
     cache_stats = None
-    frozen = not any(p.requires_grad for p in model.encoder.parameters())
+    split = encoder_split(model.encoder)
+    frozen = split or not any(p.requires_grad for p in model.encoder.parameters())
     if frozen and cfg.cache:
         parts = encoder_cache_parts(cfg, mcfg)
         root = Path(cfg.cache_dir) if cfg.cache_dir else out / "encoder_cache"
-        encoder_fp = fingerprint(model.encoder, parts)
+        # With trained top blocks only the frozen part's weights decide the cached outputs (the
+        # top's change every step, and a resumed run must find its cache).
+        skip = model.encoder.top_prefixes() if split else ()
+        encoder_fp = fingerprint(model.encoder, parts, skip=skip)
         cache = EncoderCache(root, encoder_fp, copies=cfg.cache_copies)
         model.encoder.eval()
+        run = model.encoder.lower if split else model.encoder
 
         def encode(feats: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            hidden, hidden_lens = model.encoder(feats.to(device), lens.to(device))
+            with torch.no_grad():
+                hidden, hidden_lens = run(feats.to(device), lens.to(device))
             return hidden, hidden_lens
 
         common = {"feature_kind": kind, "n_mels": n_mels, "progress": cfg.progress}

@@ -57,14 +57,30 @@ def embed(
     inputs, lens = batch.inputs.float(), batch.input_lens
     if spec_augment is not None:
         inputs = spec_augment(inputs, lens)
-    if batch.encoded:
+    encoder = model.encoder
+    split = encoder_split(encoder)
+    if batch.encoded:  # the cache holds the frozen part's output: lower() when split
         hidden, hidden_lens = inputs, lens
+    elif split or not any(p.requires_grad for p in encoder.parameters()):
+        with torch.no_grad():
+            hidden, hidden_lens = (encoder.lower if split else encoder)(inputs, lens)
     else:
-        frozen = not any(p.requires_grad for p in model.encoder.parameters())
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            hidden, hidden_lens = model.encoder(inputs, lens)
+        hidden, hidden_lens = encoder(inputs, lens)
+    if split:
+        hidden, hidden_lens = encoder.upper(hidden, hidden_lens)
     emb, emb_lens = model.adapter(hidden, hidden_lens)
     return emb, emb_lens, hidden, hidden_lens
+
+
+def encoder_split(encoder: torch.nn.Module) -> bool:
+    """Whether ``encoder`` trains only its top blocks (``encoder.train_top``): its frozen
+    ``lower()`` part then runs without autograd (or comes from the cache) and ``upper()`` with
+    it. False when the top blocks are frozen too (``--freeze encoder``)."""
+    top = getattr(encoder, "train_top", 0)
+    if not top:
+        return False
+    return any(p.requires_grad for name, p in encoder.named_parameters()
+               if name.startswith(encoder.top_prefixes()))  # fmt: skip
 
 
 def heads_on_hidden(model: torch.nn.Module, batch: Batch, ctc_weight: float) -> torch.Tensor:
