@@ -60,7 +60,7 @@ def export_model(
     model, tokenizer, doc = load_checkpoint(src)
     if not keep_ctc and model.ctc_head is not None:
         model.ctc_head = None  # the module goes, and with it its tensors
-        model.config = dataclasses.replace(model.config, ctc=False)
+        model.config = dataclasses.replace(model.config, ctc=False, ctc_tied=False)
     state = trained_state(model, model.config)
     megabytes = (
         sum(
