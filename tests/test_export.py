@@ -125,3 +125,13 @@ def test_bundled_model_transcribes_the_examples_and_verify_equals_greedy():
     assert all(r.error is None and r.text for r in greedy)
     assert [r.tokens for r in verify] == [r.tokens for r in greedy]
     assert sum(r.decoder_calls for r in verify) <= sum(r.decoder_calls for r in greedy)
+
+
+def test_export_drops_a_tied_ctc_head_and_its_flag(tmp_path):
+    # The tied head reads the decoder's embedding: with the head gone, a config that still said
+    # ctc_tied would describe a head that is not there.
+    tok = train_tokenizer(SENTENCES, tmp_path / "tok.model", vocab_size=40)
+    config = preset("tiny", tok.vocab_size).replace(ctc=True, ctc_on="adapter", ctc_tied=True)
+    src = save_checkpoint(SpeechLLaMA(config).eval(), tok, tmp_path / "ckpt")
+    model = read_checkpoint_config(export_model(src, tmp_path / "out"))["model"]
+    assert model["ctc"] is False and model["ctc_tied"] is False
