@@ -48,12 +48,7 @@ class SpeechLLaMA(nn.Module):
         self.decoder = LlamaDecoder(config.decoder)
         self.adapter.match_scale(self.decoder.embed.weight)
         self.heads = build_heads(config, self.decoder.embed)
-        # CTC blank is pad_id (0): the tokenizer reserves it, so it never is a transcript token.
-        d_ctc = config.decoder.d_model if config.ctc_on == "adapter" else d_enc
-        self.ctc_head: nn.Module | None = None
-        if config.ctc:
-            vocab = config.decoder.vocab_size
-            self.ctc_head = TiedCTCScale() if config.ctc_tied else nn.Linear(d_ctc, vocab)
+        self.ctc_head = build_ctc_head(config, d_enc)
         self.decoder_calls = 0  # incremented by prefill() and step(): strategies cannot forget
         self._choose_packing()
 
@@ -298,6 +293,18 @@ def with_pretrained_decoder(config: ModelConfig, path: str | Path) -> ModelConfi
 
 
 DECODE_PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+def build_ctc_head(config: ModelConfig, d_enc: int) -> nn.Module | None:
+    """The auxiliary CTC head ``config`` asks for (None without ``ctc``): a linear layer on
+    encoder frames (width ``d_enc``) or audio embeddings, or the tied scale of ``ctc_tied``.
+    CTC blank is pad_id (0): the tokenizer reserves it, so it never is a transcript token."""
+    if not config.ctc:
+        return None
+    if config.ctc_tied:
+        return TiedCTCScale()
+    d_ctc = config.decoder.d_model if config.ctc_on == "adapter" else d_enc
+    return nn.Linear(d_ctc, config.decoder.vocab_size)
 
 
 class TiedCTCScale(nn.Module):

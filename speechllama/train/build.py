@@ -111,15 +111,13 @@ def with_ctc(model: torch.nn.Module, overrides: dict[str, Any]) -> torch.nn.Modu
     (``ctc``/``ctc_on``/``ctc_tied``) ask, for a fine-tuning stage that adds CTC: e.g. an
     adapter trained without it whose outputs CTC should pull towards the LLM's token
     embeddings. A head the checkpoint already has, in the same configuration, is kept."""
-    from speechllama.model.speechllama import TiedCTCScale
+    from speechllama.model.speechllama import build_ctc_head
 
     cfg = model.config.with_overrides(overrides)
     if cfg == model.config and model.ctc_head is not None:
         return model
-    d = cfg.decoder.d_model if cfg.ctc_on == "adapter" else int(model.encoder.output_dim)
-    head = TiedCTCScale() if cfg.ctc_tied else torch.nn.Linear(d, cfg.decoder.vocab_size)
-    device = model.decoder.embed.weight.device
-    model.ctc_head, model.config = head.to(device), cfg
+    head = build_ctc_head(cfg, int(model.encoder.output_dim))
+    model.ctc_head, model.config = head.to(model.decoder.embed.weight.device), cfg
     return model
 
 
