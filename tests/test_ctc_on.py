@@ -123,6 +123,9 @@ def test_a_checkpoint_gains_a_tied_ctc_head_for_fine_tuning(tmp_path) -> None:
     # Asking again for the head it has keeps it (a resumed stage must not reset it).
     head = tuned.ctc_head
     assert with_ctc(tuned, {"ctc": True, "ctc_on": "adapter", "ctc_tied": True}).ctc_head is head
+    # --model-set ctc=false on a checkpoint drops the head with the flag.
+    dropped = with_ctc(tuned, {"ctc": False})
+    assert not dropped.config.ctc and dropped.ctc_head is None
 
 
 @pytest.mark.parametrize(

@@ -116,8 +116,9 @@ def with_ctc(model: torch.nn.Module, overrides: dict[str, Any]) -> torch.nn.Modu
     cfg = model.config.with_overrides(overrides)
     if cfg == model.config and model.ctc_head is not None:
         return model
-    head = build_ctc_head(cfg, int(model.encoder.output_dim))
-    model.ctc_head, model.config = head.to(model.decoder.embed.weight.device), cfg
+    head = build_ctc_head(cfg, int(model.encoder.output_dim))  # None for ``ctc=false``
+    model.ctc_head = None if head is None else head.to(model.decoder.embed.weight.device)
+    model.config = cfg
     return model
 
 
