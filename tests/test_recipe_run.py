@@ -148,3 +148,26 @@ def test_every_hyper_parameter_lives_in_the_config():
     assert not re.findall(
         r"--[a-z-]+ [0-9][0-9.e-]*(?=[\s\\]|$)", script.split("set -euo pipefail", 1)[1]
     )
+
+
+def test_self_distilled_heads_relabel_train_and_dev_then_feed_mwer(tmp_path):
+    exp = tmp_path / "exp"
+    p = _run("--data", "D", "--exp", str(exp), "--stage", "4", "--stop-stage", "7",
+             env={"SD_STEPS": "9"})  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    cmds = _commands(p.stdout)
+    _assert_commands(cmds, [
+        r"evaluate .*/train\.jsonl --model .*/mtp/best --decoding greedy --no-head-accuracy .*"
+        r"--out .*/mtp_sd/labels-train$",
+        r"evaluate D/dev/manifest\.jsonl --model .*/mtp/best .*--out .*/mtp_sd/labels-dev$",
+        r"data relabel .*/train\.jsonl .*/mtp_sd/labels-train --out .*/mtp_sd/train\.jsonl$",
+        r"data relabel D/dev/manifest\.jsonl .*/mtp_sd/labels-dev --out .*/mtp_sd/dev\.jsonl$",
+        r"train --train .*/mtp_sd/train\.jsonl .*--dev .*/mtp_sd/dev\.jsonl --init .*/mtp/best "
+        r"--heads 4 --head-kind latent --max-steps 9 --warmup 50 --lr 5e-4 "
+        r"--freeze encoder adapter decoder --out .*/mtp_sd$",
+        r"train --train .*--init .*/mtp_sd/best --mwer ",
+    ])  # fmt: skip
+    order = [i for i, c in enumerate(cmds) if "mtp_sd" in c or "--mwer" in c]
+    assert "--mwer" in cmds[order[-1]]  # MWER starts from the self-distilled heads
+    plain = _commands(_run("--exp", str(exp), "--stage", "4", "--stop-stage", "5").stdout)
+    assert not any("mtp_sd" in c for c in plain)

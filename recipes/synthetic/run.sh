@@ -28,9 +28,13 @@
 #   3  next-token pre-training of PRESET from scratch (frozen encoder, outputs cached) -> EXP/nt;
 #      for a pretrained-LLM preset the LLM is frozen, so this trains the adapter alone; then,
 #      with LORA_RANK > 0, LORA_STEPS more with LoRA deltas on the LLM -> EXP/nt_lora
-#   4  multi-token training: stage 3's best with HEADS HEAD_KIND heads -> EXP/mtp
-#   5  MWER fine-tuning of EXP/mtp/best -> EXP/mwer (skipped, with a note, when this
-#      speechllama has no `train --mwer`); the final model is EXP/mwer/best, else EXP/mtp/best
+#   4  multi-token training: stage 3's best with HEADS HEAD_KIND heads -> EXP/mtp; then, with
+#      SD_STEPS > 0, self-distilled heads: EXP/mtp/best transcribes the training and dev sets
+#      greedily (EXP/mtp_sd/labels-*), `data relabel` makes those the transcripts, and the
+#      heads train SD_STEPS more on them with the trunk frozen -> EXP/mtp_sd
+#   5  MWER fine-tuning of stage 4's model -> EXP/mwer (skipped, with a note, when this
+#      speechllama has no `train --mwer`); the final model is EXP/mwer/best, else stage 4's
+#      (EXP/mtp_sd/best with SD_STEPS > 0, else EXP/mtp/best)
 #   6  evaluate the final model on EVAL_SETS with each EVAL_DECODING -> EXP/eval/SET/DECODING,
 #      `speechllama bench` on BENCH_SET -> EXP/bench.{txt,json,png}, and the peers
 #      (scripts/peers.py, needs the `peers` extra) -> EXP/peers.{txt,json}, and pocketsphinx
@@ -189,17 +193,35 @@ if want 4 "multi-token training, $HEADS $HEAD_KIND heads, $MTP_STEPS steps -> $e
     --heads "$HEADS" --head-kind "$HEAD_KIND" --max-steps "$MTP_STEPS" --warmup "$MTP_WARMUP" \
     --lr "$MTP_LR" ${MTP_FREEZE:+--freeze $MTP_FREEZE} ${NT_BF16:+--bf16} \
     ${MTP_NO_HIDDEN_CACHE:+--no-hidden-cache} --out "$exp/mtp"
+  if [ "$SD_STEPS" -gt 0 ]; then
+    # Self-distillation: the heads learn what this trunk will say, which is what verification
+    # accepts. The dev set is relabelled too, so that best/ is picked by agreement.
+    for part in train dev; do
+      src=$train_manifest; [ "$part" = dev ] && src=$dev
+      run "$speechllama" evaluate "$src" --model "$exp/mtp/best" --decoding greedy \
+        --no-head-accuracy --device "$device" --threads "$THREADS" --out "$exp/mtp_sd/labels-$part"
+      run "$speechllama" data relabel "$src" "$exp/mtp_sd/labels-$part" \
+        --out "$exp/mtp_sd/$part.jsonl"
+    done
+    run "$speechllama" train --train "$exp/mtp_sd/train.jsonl" "${common[@]}" \
+      --dev "$exp/mtp_sd/dev.jsonl" --init "$exp/mtp/best" --heads "$HEADS" \
+      --head-kind "$HEAD_KIND" --max-steps "$SD_STEPS" --warmup "$SD_WARMUP" --lr "$SD_LR" \
+      ${MTP_FREEZE:+--freeze $MTP_FREEZE} ${NT_BF16:+--bf16} \
+      ${MTP_NO_HIDDEN_CACHE:+--no-hidden-cache} --out "$exp/mtp_sd"
+  fi
   finish 4
 fi
+mtp=$exp/mtp
+[ "$SD_STEPS" -gt 0 ] && mtp=$exp/mtp_sd
 
 if [ "$MWER_STEPS" -eq 0 ]; then
-  log "Stage 5: MWER_STEPS=0, no MWER fine-tuning; the final model is $exp/mtp/best"
+  log "Stage 5: MWER_STEPS=0, no MWER fine-tuning; the final model is $mtp/best"
 elif want 5 "MWER fine-tuning, $MWER_STEPS steps -> $exp/mwer"; then
   if [ -z "$dry_run" ] && ! "$speechllama" train --help 2>/dev/null | grep -q -- '--mwer'; then
     log "Stage 5: this speechllama has no 'train --mwer' (MWER fine-tuning); skipped, so the" \
-        "final model is $exp/mtp/best. Update speechllama and rerun from stage 5 to add it."
+        "final model is $mtp/best. Update speechllama and rerun from stage 5 to add it."
   else
-    run "$speechllama" train --train "$train_manifest" "${common[@]}" --init "$exp/mtp/best" \
+    run "$speechllama" train --train "$train_manifest" "${common[@]}" --init "$mtp/best" \
       --mwer --mwer-nbest "$MWER_NBEST" --max-steps "$MWER_STEPS" --warmup "$MWER_WARMUP" \
       --lr "$MWER_LR" --out "$exp/mwer"
     finish 5
@@ -207,7 +229,7 @@ elif want 5 "MWER fine-tuning, $MWER_STEPS steps -> $exp/mwer"; then
 fi
 
 # The model stages 6 and 7 use: MWER's when stage 5 made one, else the multi-token model's.
-final=$exp/mtp/best
+final=$mtp/best
 if [ -d "$exp/mwer/best" ] || { [ -n "$dry_run" ] && [ "$MWER_STEPS" -gt 0 ] \
     && [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; }; then
   final=$exp/mwer/best

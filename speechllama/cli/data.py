@@ -4,6 +4,7 @@ synthesize speech (the synthesis options live in ``speechllama.data.synth``)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ examples:
       --exclude /work/shared/data/real_en_smoke/manifest.tsv
   speechllama data synth --text data/text/train.txt --out data/synth_train --hours 10
   speechllama data validate data/synth_train/manifest.jsonl
+  speechllama evaluate data/train.jsonl --no-head-accuracy --out exp/pl
+  speechllama data relabel data/train.jsonl exp/pl --out data/train_self.jsonl
 """
 
 
@@ -34,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_prepare_text(sub)
     _add_validate(sub)
     _add_synth(sub)
+    _add_relabel(sub)
 
 
 def _add_import_tsv(sub: argparse._SubParsersAction) -> None:
@@ -160,6 +164,46 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     )
     add_synth_arguments(p)
     p.set_defaults(func=synth_main)
+
+
+def _add_relabel(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "relabel",
+        help="replace a manifest's transcripts by a model's greedy output (self-distillation)",
+        description="Self-distillation targets for multi-token heads: every row of MANIFEST "
+        "gets, as its text, the greedy hypothesis that `speechllama evaluate` wrote for it "
+        "(HYPOTHESES: its hypotheses.jsonl or the evaluation folder). The old transcript is "
+        "kept as reference_text. Rows without a hypothesis, or whose hypothesis is empty, are "
+        "dropped and counted. Train heads on the result with the trunk frozen: verification "
+        "accepts a head's guess only when it matches the model's own greedy output.",
+    )
+    p.add_argument("manifest", type=Path, metavar="MANIFEST", help="JSONL manifest")
+    p.add_argument(
+        "hypotheses", metavar="HYPOTHESES", help="evaluate's hypotheses.jsonl, or its --out folder"
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="manifest to write")
+    p.set_defaults(func=_relabel)
+
+
+def _relabel(args: argparse.Namespace) -> int:
+    from speechllama.data.manifest import load_manifest, write_manifest
+    from speechllama.data.relabel import default_hypotheses, relabel
+    from speechllama.resultlog import read_rows
+
+    path = default_hypotheses(args.hypotheses)
+    if not os.path.isfile(path):
+        print(f"{_PROG} relabel: {path}: no such hypotheses file", file=sys.stderr)
+        return 1
+    rows, _torn = read_rows(path)
+    utterances = load_manifest(args.manifest, check_audio=False)
+    kept, stats = relabel(utterances, rows)
+    print(f"{args.out}: {stats.summary()}")
+    if not kept:
+        print(f"{_PROG} relabel: {path}: no hypothesis matches a row of {args.manifest}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    write_manifest(kept, args.out, relative=False)
+    return 0
 
 
 def _unavailable(reason: str) -> int:

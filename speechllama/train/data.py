@@ -2,7 +2,11 @@
 
 Targets follow the model's layout (see ``train/losses.py``): ``tokens`` = [BOS] y (decoder
 input), ``labels`` = y EOS (next-token targets), both right-padded with the pad id, plus the
-bare ``y`` for CTC. Texts are normalised and tokenised once at start-up, not every epoch.
+bare ``y`` for CTC. Texts are normalised and tokenised once at start-up, not every epoch. A row
+that carries ``token_ids`` (a self-distillation manifest, ``speechllama data relabel``) is
+trained on those ids when they spell its text with this tokenizer: a model's greedy output is
+not always the canonical tokenisation of its own text, and the heads must predict the ids
+verification compares.
 
 Randomness (waveform augmentation, the choice of cached copy) is drawn from a generator seeded
 by ``(seed, epoch, index)``, so an example is the same whichever worker builds it and whether
@@ -21,7 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from speechllama.audio import audio_duration, load_audio
 from speechllama.features import compute_features
-from speechllama.text import BOS_ID, PAD_ID, Tokenizer, target_ids
+from speechllama.text import BOS_ID, EOS_ID, PAD_ID, Tokenizer, normalize, target_ids
 
 SAMPLE_RATE = 16_000
 _SEGMENT_SLACK = 0.1  # seconds a file may exceed its row's duration and still be taken whole
@@ -85,6 +89,33 @@ def load_wave(utt: Any) -> np.ndarray:
     return load_audio(utt.audio_filepath, sample_rate=SAMPLE_RATE)
 
 
+def row_token_ids(utt: Any) -> list[int] | None:
+    """The row's own ``token_ids`` (a list of non-special, non-negative ints), or None."""
+    ids = getattr(utt, "extra", {}).get("token_ids")
+    if not isinstance(ids, list) or not ids:
+        return None
+    special = (PAD_ID, BOS_ID, EOS_ID)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        return None
+    if any(i in special for i in ids):
+        return None
+    return ids
+
+
+def utterance_targets(utt: Any, tokenizer: Tokenizer) -> list[int]:
+    """y EOS of one row: its ``token_ids`` when they decode, with ``tokenizer``, to its text
+    (after normalisation; ids of another tokenizer fail that test), else its text tokenised."""
+    ids = row_token_ids(utt)
+    if ids is not None:
+        try:
+            spelled = tokenizer.decode(ids)
+        except ValueError:  # an id outside this vocabulary
+            spelled = None
+        if spelled is not None and normalize(spelled) == normalize(utt.text):
+            return [*ids, EOS_ID]
+    return target_ids(utt.text, tokenizer)
+
+
 class SpeechDataset(torch.utils.data.Dataset):
     """Utterances (objects with ``audio_filepath``, ``text``, ``duration``) -> examples.
 
@@ -104,7 +135,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         seed: int = 0,
     ) -> None:
         self.utterances = list(utterances)
-        self.targets = [target_ids(u.text, tokenizer) for u in self.utterances]
+        self.targets = [utterance_targets(u, tokenizer) for u in self.utterances]
         self.durations = [float(u.duration) for u in self.utterances]
         self.feature_kind = feature_kind
         self.n_mels = n_mels

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from speechllama.text import TokenizerLike, tokenizer_id
 from speechllama.train.cache import EncoderCache, duration_batches, entry_key, fingerprint
-from speechllama.train.data import collate
+from speechllama.train.data import collate, row_token_ids
 from speechllama.train.step import embed
 
 HIDDEN_PREFIX = "hidden-"
@@ -48,8 +48,11 @@ class HiddenCache(EncoderCache):
     what = "decoder hidden-state cache"
 
     def key(self, utt: Any, copy: int) -> str:
-        """The audio's key plus the transcript: other text is another decoder input."""
-        return hashlib.sha1(f"{entry_key(utt, copy)}\0{utt.text}".encode()).hexdigest()
+        """The audio's key plus the transcript (and the row's own ``token_ids``, which can
+        tokenise the same text otherwise): other targets are another decoder input."""
+        ids = row_token_ids(utt)
+        text = utt.text if ids is None else f"{utt.text}\0{ids}"
+        return hashlib.sha1(f"{entry_key(utt, copy)}\0{text}".encode()).hexdigest()
 
 
 def check_position_wise(model: nn.Module) -> None:

@@ -54,6 +54,10 @@
 # dearly (dev head-1 accuracy 0.60 -> 0.46, dev WER 65.6% -> 72.2% after 400 steps).
 : "${MTP_FREEZE:=encoder adapter decoder}"
 : "${MTP_NO_HIDDEN_CACHE:=}"  # non-empty: run the frozen trunk every step instead of caching it
+: "${SD_STEPS:=0}"      # self-distilled heads after MTP_STEPS (0 = off): trained on the trunk's
+                        # own greedy transcripts of the training set, what verification accepts
+: "${SD_WARMUP:=50}"
+: "${SD_LR:=5e-4}"
 
 # --- stage 5: MWER fine-tuning of stage 4's best ----------------------------------------------
 : "${MWER_STEPS:=60}"   # ~8 s/step: N-best decoding dominates
