@@ -313,3 +313,46 @@ def test_compaction_changes_no_result(fitted, mode, monkeypatch):
     compacted = run(model, audio, lens, **opts)
     assert summary(compacted) == summary(full)
     assert widths[0] == len(LENS) and widths[-1] < len(LENS)
+
+
+@pytest.mark.parametrize("mode", ["exact", "topk"])
+def test_propose_floor_feeds_fewer_tokens_and_exact_stays_greedy(fitted, mode, monkeypatch):
+    """A floor narrows calls to the confident proposals: the widths vary between 1 and K, a
+    higher floor feeds fewer tokens, ``exact`` is still greedy token for token, and a row's
+    output does not depend on its batch in either mode."""
+    model, audio, lens = fitted
+    greedy = run(model, audio, lens, strategy="greedy")
+    full = run(model, audio, lens, strategy="verify", verify=mode)
+    widths = record_steps(model, monkeypatch, lambda tokens, *_: tokens.shape[1])
+    out = run(model, audio, lens, strategy="verify", verify=mode, propose_floor=0.9)
+    monkeypatch.undo()
+    assert len(set(widths)) > 1 and max(widths) <= K, widths
+    _check_histogram(out)
+    if mode == "exact":
+        assert [d.tokens for d in out] == [d.tokens for d in greedy]
+    for b, m in enumerate(LENS):
+        alone = run(model, audio[b : b + 1, :m], lens[b : b + 1], DURATIONS[b : b + 1],
+                    strategy="verify", verify=mode, propose_floor=0.9)  # fmt: skip
+        assert alone[0].tokens == out[b].tokens
+    assert sum(d.decoder_calls for d in out) >= sum(d.decoder_calls for d in full)
+    wider = record_steps(model, monkeypatch, lambda tokens, *_: tokens.shape[1])
+    run(model, audio, lens, strategy="verify", verify=mode, propose_floor=0.5)
+    monkeypatch.undo()
+    assert sum(widths) / len(widths) < sum(wider) / len(wider)
+
+
+def test_propose_floor_is_a_probability():
+    with pytest.raises(ValueError, match="propose_floor"):
+        get_strategy(DecodingOptions(strategy="verify", propose_floor=1.5))
+
+
+def test_propose_floor_flag_reaches_the_options():
+    import argparse
+
+    from speechllama.cli.transcribe import add_decoding_args, decoding_options
+
+    parser = argparse.ArgumentParser()
+    add_decoding_args(parser)
+    args = parser.parse_args(["--decoding", "verify", "--propose-floor", "0.4"])
+    assert decoding_options(args).propose_floor == 0.4
+    assert decoding_options(parser.parse_args([])).propose_floor == 0.0
