@@ -1,8 +1,7 @@
 """What ``speechllama bench`` can run: named methods and the runners that decode one batch of
 shared audio embeddings with them.
 
-Methods are named ``family`` or ``family@ARG`` (``threshold@0.8``, ``verify-exact@0.3`` (exact
-verification feeding only proposals of probability >= 0.3), ``verify-topk@3``,
+Methods are named ``family`` or ``family@ARG`` (``threshold@0.8``, ``verify-topk@3``,
 ``tree@3-2-1``, ``beam@4``, ``prefix-beam@4``, ``prefix-beam-rescored@4``); each family is one
 ``@register_method`` parser, so adding one is one function here and nothing else. A method
 whose strategy is not installed, that needs K > 1 heads on a K = 1 model, or whose peer library
@@ -92,15 +91,10 @@ def _threshold(arg: str | None, base: DecodingOptions) -> Method:
     return _strategy(f"threshold@{t:g}", base, True, strategy="threshold", threshold=t)
 
 
-@register_method("verify-exact", "verify-exact or verify-exact@F (proposal floor, 0 < F <= 1)")
+@register_method("verify-exact", "verify-exact")
 def _verify_exact(arg: str | None, base: DecodingOptions) -> Method:
-    if arg is None:
-        return _strategy("verify-exact", base, True, strategy="verify", verify="exact")
-    f = _number("verify-exact", arg, float)
-    if not 0 < f <= 1:
-        raise ValueError(f"method verify-exact@{arg}: the proposal floor must lie in (0, 1]")
-    return _strategy(f"verify-exact@{f:g}", base, True, strategy="verify", verify="exact",
-                     propose_floor=f)  # fmt: skip
+    _bare("verify-exact", arg)
+    return _strategy("verify-exact", base, True, strategy="verify", verify="exact")
 
 
 @register_method("verify-topk", "verify-topk@N, N >= 1")

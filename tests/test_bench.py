@@ -102,13 +102,7 @@ def test_parse_methods():
     assert lookup.family == "hf" and lookup.prompt_lookup == 3 and lookup.options.batch_size == 1
     assert all(m.options.batch_size == 4 for m in got[:4])
     assert [m.name for m in parse_methods("verify-exact", base)] == ["greedy", "verify-exact"]
-    floor = parse_methods("verify-exact@0.30", base)[1]
-    assert floor.name == "verify-exact@0.3" and floor.multi_token
-    assert (floor.options.verify, floor.options.propose_floor) == ("exact", 0.3)
-    assert parse_methods("verify-exact", base)[1].options.propose_floor == 0
-    bad_ones = ("nope", "threshold", "threshold@x", "threshold@1.5", "greedy@2", "tree@3-0",
-                "verify-exact@0", "verify-exact@2", "verify-exact@x")  # fmt: skip
-    for bad in bad_ones:
+    for bad in ("nope", "threshold", "threshold@x", "threshold@1.5", "greedy@2", "tree@3-0"):
         with pytest.raises(ValueError, match="method"):
             parse_methods(bad, base)
 

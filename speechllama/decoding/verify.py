@@ -37,17 +37,6 @@ slots the loop reserves beyond the limit. All
 comparisons are tensor ops over the whole batch; the emitted tokens and counts come back to the
 host once per call for ``DecodingState.accept`` (which handles EOS and the length limit).
 
-Proposal floor (``options.propose_floor`` = f > 0): a call feeds only the leading proposals
-whose head gave them probability >= f (the widest such prefix over the live rows), so a call
-whose proposals would very likely fail is a plain 1-token call. In ``exact`` mode the emitted
-tokens do not change: every one is still head 1's argmax after the tokens before it, so it
-stays greedy's output (a row may keep a proposal fed only because another row was sure of its
-own: that is free and still exact). In ``topk`` mode a row keeps only proposals of its own
-confident run, so its output does not depend on the rest of the batch. What the floor changes
-is the cost: on `small` (6 layers, CPU) a 4-token verify call costs about 1.3x a greedy call
-while head 2 passes in ~15% of calls, so feeding every proposal loses more time than the
-accepted ones save (docs/heads.md).
-
 Cost (measured on the shared 2-core CPU, one thread, ``tiny`` decoder with K = 4 latent heads,
 V = 1024, ~85 positions of context): a 4-token call costs 1.09x a 1-token call at batch 1 and
 1.27x at batch 8 (``small`` decoder: 1.22x and 1.64x); the bookkeeping here adds ~0.1 ms per
@@ -87,10 +76,6 @@ class VerifyDecoder(Strategy):
             raise ValueError(f"verify mode {options.verify!r}; choose one of {', '.join(MODES)}")
         if options.verify == "topk" and options.topk < 1:
             raise ValueError(f"verify topk needs topk >= 1, got {options.topk}")
-        if not 0 <= options.propose_floor <= 1:
-            raise ValueError(
-                f"propose_floor is a probability in [0, 1], got {options.propose_floor}"
-            )
         self.lookahead = block_lookahead(options)
 
     def start(
@@ -101,47 +86,35 @@ class VerifyDecoder(Strategy):
         best = logits[:, 0].argmax(dim=-1)  # (B, n)
         state.accept_blocks(best, torch.ones_like(best[:, 0]))
         state.scratch["fed"] = best  # the next call feeds [y, p_1 .. p_{n-1}]
-        state.scratch["run"] = self._run(logits[:, 0, 1:])
 
     def advance(self, model: DecoderModel, cache: Any, state: DecodingState) -> None:
         fed: torch.Tensor = state.scratch["fed"]  # (B, n)
         B, n = fed.shape
         live = state.live_mask(fed.device) if any(state.finished) else None
-        run: torch.Tensor = state.scratch["run"]  # (B,) confident leading proposals per row
-        if live is not None:
-            run = run.masked_fill(~live, 0)
-        fed = fed[:, : 1 + int(run.max())]  # (B, w): [y, p_1 .. p_{w-1}], the widest live row
         if live is not None:
             fed = fed.masked_fill(~live[:, None], state.pad_id)
         before = cache.lengths.clone()
-        logits = model.step(fed, cache, num_heads=n)  # (B, w, n, V)
+        logits = model.step(fed, cache, num_heads=n)  # (B, n, n, V)
 
         # Every head's token after every fed position: one argmax serves both the check (head
         # 1, all positions) and the next proposals (heads 2..n at the last kept position).
-        best = fast_argmax(logits)  # (B, w, n)
-        own = best[:, :, 0]  # g_0 .. g_{w-1}
+        best = fast_argmax(logits)  # (B, n, n)
+        own = best[:, :, 0]  # g_0 .. g_{n-1}
         if self.options.verify == "exact":
             ok = fed[:, 1:] == own[:, :-1]
         else:
             # p_j is in head 1's top N at j - 1 when fewer than N logits beat its own (a rank
             # count: cheaper than topk, and it keeps ties with the N-th instead of picking one)
-            head1 = logits[:, :-1, 0]  # (B, w - 1, V)
+            head1 = logits[:, :-1, 0]  # (B, n - 1, V)
             mine = head1.gather(2, fed[:, 1:, None])
             ok = (head1 > mine).sum(dim=-1) < self.options.topk
         kept = ok.long().cumprod(dim=1).sum(dim=1)  # (B,) proposals accepted: a
-        if self.options.verify == "topk" and self.options.propose_floor > 0:
-            # A lossy check may only pass what the row itself would have fed: proposals fed
-            # because another row was sure of its own would make the output batch-dependent.
-            kept = torch.minimum(kept, run)
         # [g_a, heads 2..n at a] is exactly the next call's [y, p_1 .. p_{n-1}]
         state.scratch["fed"] = best.gather(1, kept[:, None, None].expand(B, 1, n))[:, 0]
-        if self.options.propose_floor > 0:
-            rows = torch.arange(B, device=kept.device)
-            state.scratch["run"] = self._run(logits[rows, kept, 1:])  # from (B, n - 1, V)
         if self.options.verify == "exact":
             block = own  # p_1 .. p_a equal g_0 .. g_{a-1}, and g_a is the bonus
         else:  # p_1 .. p_a, then g_a
-            first = torch.arange(fed.shape[1], device=fed.device)[None, :] < kept[:, None]
+            first = torch.arange(n, device=fed.device)[None, :] < kept[:, None]
             block = torch.where(first, fed.roll(-1, dims=1), own)
         # The cache keeps y p_1 .. p_a, but never more than the row may still append: a row cut
         # by its length limit inside the block (or finished before) keeps only what fits, so
@@ -149,19 +122,6 @@ class VerifyDecoder(Strategy):
         count = torch.minimum(kept + 1, state.room(kept.device))
         cache.truncate(before + count)
         state.accept_blocks(block, count)
-
-    def _run(self, proposals: torch.Tensor) -> torch.Tensor:
-        """(B,) leading proposals whose heads gave them probability >= the floor; the next call
-        feeds 1 + the longest run over the live rows. proposals: heads 2..n's logits
-        (B, n - 1, V) at the position the next proposals come from. No floor: n - 1."""
-        B, m = proposals.shape[:2]
-        floor = self.options.propose_floor
-        if floor <= 0 or m == 0:
-            return torch.full((B,), m, dtype=torch.long, device=proposals.device)
-        # The argmax's probability is 1 / sum(exp(logits - max)): no full softmax is stored.
-        top = proposals.amax(dim=-1, keepdim=True)
-        confident = (proposals - top).exp().sum(dim=-1).reciprocal() >= floor  # (B, n - 1)
-        return confident.long().cumprod(dim=1).sum(dim=1)
 
 
 STRATEGY = VerifyDecoder
