@@ -61,9 +61,10 @@ def test_dry_run_lists_every_stage_with_the_config_values(tmp_path):
     _assert_commands(cmds, want)
     assert all(
         "--resume" in c and "--save-every 200" in c and "--eval-every 400" in c
+        and "--augment --cache-copies 2" in c  # the campaign's waveform augmentation, adopted
         for c in cmds
         if " train --train " in c
-    )
+    )  # fmt: skip
     evaluations = [c for c in cmds if " evaluate " in c]
     assert len(evaluations) == 3 * 4  # 3 sets x greedy, threshold, verify, beam
     assert not exp.exists()  # a dry run runs nothing
@@ -135,6 +136,7 @@ def test_smollm_conf_trains_adapter_then_lora_then_heads(tmp_path):
         r"export .*/mtp/best --dtype float16 --out .*/speechllama/models/smollm$",
     ]
     _assert_commands(cmds, want)
+    assert not any("--augment" in c or "--cache-copies" in c for c in cmds)
 
 
 def test_every_hyper_parameter_lives_in_the_config():

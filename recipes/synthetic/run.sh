@@ -149,6 +149,8 @@ common=(--dev "$dev" "${tokenizer_args[@]}" --max-duration "$MAX_DURATION"
         --eval-every "$EVAL_EVERY" --eval-utterances "$EVAL_UTTERANCES"
         --save-every "$SAVE_EVERY" --log-every "$LOG_EVERY" --seed "$SEED"
         --threads "$THREADS" --cache-dir "$exp/encoder_cache" --no-progress --resume)
+# Waveform augmentation lives in the encoder cache: AUGMENT_COPIES - 1 augmented copies.
+[ "$AUGMENT_COPIES" -gt 1 ] && common+=(--augment --cache-copies "$AUGMENT_COPIES")
 
 if want 1 "data in $data (prepare.sh, $HOURS h) and the training manifest"; then
   run bash "$repo/recipes/synthetic/prepare.sh" "$data" --hours "$HOURS" --seed "$DATA_SEED" \

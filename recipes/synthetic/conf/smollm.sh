@@ -19,6 +19,8 @@
 : "${LOG_EVERY:=10}"
 
 # --- stage 3: adapter-only (the LLM frozen; head 1 is its own output layer), then LoRA --------
+: "${AUGMENT_COPIES:=1}"        # the clean copy only: the GPU run augmented online
+                                # (--no-cache), which this recipe does not do
 : "${NT_HEADS:=1}"               # one head, the LLM's own output layer (kind linear):
 : "${NT_HEAD_KIND:=linear}"      # only the adapter trains
 : "${NT_BF16:=1}"                # bf16 autocast in every training stage (avx512_bf16 / GPU)
