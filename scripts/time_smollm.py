@@ -1,7 +1,8 @@
 """Time SmolLM2-135M decoder calls: our static-cache decoder against transformers' LLaMA.
 
-Usage (the machine should be otherwise idle; OMP_WAIT_POLICY=PASSIVE as the CLI sets it):
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/time_smollm.py --threads 2
+Usage (the machine should be otherwise idle; OMP_WAIT_POLICY unset, as the decoding commands
+run; the figures in docs/smollm.md were taken with PASSIVE, the CLI's old default):
+    .venv/bin/python scripts/time_smollm.py --threads 2
     .venv/bin/python scripts/time_smollm.py --dtypes bf16 --no-hf --repeats 10
 
 Prints, per dtype (fp32, bf16), the milliseconds of one decoder call at batch 1 over k = 1 and

@@ -98,7 +98,8 @@ fi
 if [ -z "$python" ]; then
   if [ -x "$repo/.venv/bin/python" ]; then python=$repo/.venv/bin/python; else python=python3; fi
 fi
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # spinning OpenMP waits starve a shared CPU
+# OpenMP's wait policy is the CLI's choice per command (speechllama/cli/__init__.py): PASSIVE
+# for training, the runtime's default for decoding, where sleeping threads cost time per call.
 # `speechllama train` picks a GPU by itself; evaluate and bench are told (DEVICE=auto: a GPU
 # when nvidia-smi sees one).
 if [ "$DEVICE" = auto ]; then

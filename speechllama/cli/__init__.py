@@ -11,10 +11,25 @@ import importlib
 import os
 import sys
 
-# OpenMP threads that spin while waiting steal the cores from everything else; on a shared
-# 2-core machine that made 2-thread training 4x slower (14 -> 59 audio-h/h for `small` with
-# PASSIVE). Set before torch is imported; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy, set before torch is imported; a user's own setting wins.
+# - PASSIVE (sleep between parallel regions) where torch shares the cores with other work:
+#   training's data-loader processes (spinning threads made 2-thread training of `small` 4x
+#   slower on a shared 2-core machine: 59 -> 14 audio-h/h) and the server's request threads.
+# - The runtime's default (spin a little, then sleep) for decoding in the foreground. A batch-1
+#   decoder call is about 50 short parallel regions, and waking sleeping threads for each one
+#   cost `small` 9% on greedy and turned exact verification's 1.29x speed-up over greedy into
+#   0.94x (real-smoke, 2 threads, session 8; docs/heads.md).
+PASSIVE_COMMANDS = frozenset({"train", "campaign", "serve"})
+
+
+def omp_wait_policy(argv: list[str]) -> str | None:
+    """The OpenMP wait policy for a command line (None: the runtime's default)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    return "PASSIVE" if command in PASSIVE_COMMANDS else None
+
+
+if (_policy := omp_wait_policy(sys.argv[1:])) is not None:
+    os.environ.setdefault("OMP_WAIT_POLICY", _policy)
 
 # Sub-command modules, in the order `speechllama --help` lists them.
 _COMMANDS = (
