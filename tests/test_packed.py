@@ -57,6 +57,9 @@ def test_one_row_packing_is_chosen_by_the_decoders_weight_bytes(monkeypatch) -> 
     from speechllama.model.speechllama import SpeechLLaMA
 
     cfg = preset("tiny", 64)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # threads spin: pack every call
+    assert all(q.one_row for q in SpeechLLaMA(cfg)._packed())
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # threads sleep: MKL's gemv for small ones
     assert not any(q.one_row for q in SpeechLLaMA(cfg)._packed())  # kilobytes: MKL at one row
     monkeypatch.setattr("speechllama.model.speechllama.PACK_ALL_ONE_ROW_BYTES", 1)
     stores = SpeechLLaMA(cfg)._packed()

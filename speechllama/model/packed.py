@@ -8,8 +8,9 @@ k-token call cost far more than a 1-token call. With each weight reordered once 
 blocked layout (q|k|v and gate|up concatenated, so 4 matmuls a layer instead of 7), four rows
 cost 3.0 ms. The reorder is done with no batch-size hint, so one packed copy serves every row
 count, and its rows do not depend on how many rows there are (checked bit for bit for 1..256
-rows, fp32 and bf16, 1 and 2 threads). A single row keeps MKL unless the matrix is large
-(see :meth:`linear`).
+rows, fp32 and bf16, 1 and 2 threads). A single row keeps MKL unless the matrix is large or
+``one_row`` is set, which ``SpeechLLaMA`` does for large decoders and whenever OpenMP threads
+spin between regions (see :meth:`linear` and ``SpeechLLaMA._choose_packing``).
 
 The packed copies live beside the parameters (they double the decoder's weight memory) and are
 rebuilt whenever a weight changes (its storage or its version counter: an optimizer step,
@@ -81,14 +82,16 @@ class PackedLinears:
         if self.int8 and int8_usable(x, w0):
             w8, scale = self._get(name, weights, quantize_weight)
             return int8_linear(x, w8, scale)
-        # One fp32 row (a 1-token call at batch 1) keeps MKL's gemv: the packed kernel was
-        # 0.6 ms slower per 1-token call of ``small`` (1 thread, one model per process: 6.2-6.5
-        # against 5.6-5.7 ms in three runs). bf16 packs at every row count: 4.3 ms against 5.7
-        # per 1-token call, where ATen's bf16 gemv is no faster than fp32.
+        # One fp32 row (a 1-token call at batch 1) keeps MKL's gemv unless ``one_row``: the
+        # packed kernel was 0.6 ms slower per 1-token call of ``small`` (1 thread, one model
+        # per process: 6.2-6.5 against 5.6-5.7 ms in three runs, under PASSIVE waits). bf16
+        # packs at every row count: 4.3 ms against 5.7 per 1-token call, where ATen's bf16 gemv
+        # is no faster than fp32.
         # Large matrices pack at one row too: oneDNN beat MKL's gemv from about 1M elements
         # (session 4, 2 threads, one row: SmolLM2's 3072 x 576 gate|up 89 against 152 us, its
         # 49152 x 576 output layer 4.6 against 9.7 ms), while every matrix of ``small`` is below
-        # that and stays on MKL (packing them all made its greedy 15% slower end to end).
+        # that and stays on MKL under PASSIVE waits (packing them all made its greedy 15% slower
+        # end to end then; 1.20x faster with spinning threads, session 8).
         single = (
             x.numel() == x.shape[-1]
             and x.dtype == torch.float32

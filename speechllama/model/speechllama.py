@@ -12,6 +12,7 @@ Decoding meets the model only at ``prefill`` and ``step``, which both count deco
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -205,11 +206,16 @@ class SpeechLLaMA(nn.Module):
 
     def _choose_packing(self) -> None:
         """One-row calls pack every matrix when the decoder's weights are too large to stay
-        in cache between calls (``packed.PACK_ALL_ONE_ROW_BYTES``)."""
+        in cache between calls (``packed.PACK_ALL_ONE_ROW_BYTES``), or when OpenMP threads do
+        not sleep between parallel regions (``OMP_WAIT_POLICY`` other than PASSIVE, what the
+        decoding commands run with). MKL's gemv won for `small` only under PASSIVE (session 6:
+        packing all made greedy 15% slower); without it, packing all made `small`'s greedy
+        1.20x faster (real-smoke, batch 1, 2 threads: 9.81 -> 8.19 s, session 8)."""
         params = {id(p): p for p in [*self.decoder.parameters(), *self.heads.parameters()]}
         nbytes = sum(p.numel() * p.element_size() for p in params.values())
+        spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
         for packed in self._packed():
-            packed.one_row = nbytes >= PACK_ALL_ONE_ROW_BYTES
+            packed.one_row = nbytes >= PACK_ALL_ONE_ROW_BYTES or spinning
 
     def set_decoder_int8(self, enabled: bool = True) -> SpeechLLaMA:
         """Run the decoder's and heads' matmuls in decoder calls (prefill and step) on int8
