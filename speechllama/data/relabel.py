@@ -14,9 +14,9 @@ wrote for it (joined on the utterance key). Output rows keep everything but ``te
 transcript moves to ``reference_text`` so the provenance stays in the file, and the greedy token
 ids go to ``token_ids``: a model's output is not always the canonical tokenisation of its text
 (11% of the `small` model's training-set transcripts are not), and the trainer uses these ids
-when they spell the text (``train/data.py``). Rows whose greedy
-output is empty or has no words after normalisation cannot be training rows (the manifest
-reader refuses empty text) and are dropped and counted, as are rows with no hypothesis.
+when they spell the text (``train/data.py``). Rows whose greedy output is empty or has no words
+after normalisation cannot be training rows (the manifest reader refuses empty text) and are
+dropped and counted, as are rows with no hypothesis.
 """
 
 from __future__ import annotations
@@ -76,10 +76,11 @@ def relabel(
             missing += 1
             continue
         text, ids = found
-        if not normalize(text):
+        words = normalize(text)
+        if not words:
             empty += 1
             continue
-        changed += normalize(text) != normalize(utt.text)
+        changed += words != normalize(utt.text)
         extra = {**utt.extra, "reference_text": utt.extra.get("reference_text", utt.text)}
         extra.pop("token_ids", None)  # an earlier relabelling's ids spell another text
         if isinstance(ids, list) and ids:

@@ -95,11 +95,8 @@ def row_token_ids(utt: Any) -> list[int] | None:
     if not isinstance(ids, list) or not ids:
         return None
     special = (PAD_ID, BOS_ID, EOS_ID)
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        return None
-    if any(i in special for i in ids):
-        return None
-    return ids
+    ok = all(type(i) is int and i >= 0 and i not in special for i in ids)  # bool is no id
+    return ids if ok else None
 
 
 def utterance_targets(utt: Any, tokenizer: Tokenizer) -> list[int]:

@@ -44,10 +44,6 @@
 : "${MTP_STEPS:=150}"
 : "${MTP_WARMUP:=15}"
 : "${MTP_NO_HIDDEN_CACHE:=1}"    # caching 30 layers' outputs for all 23 h costs more than 150 steps
-: "${SD_STEPS:=0}"      # self-distilled heads after MTP_STEPS (0 = off): trained on the trunk's
-                        # own greedy transcripts of the training set, what verification accepts
-: "${SD_WARMUP:=50}"
-: "${SD_LR:=5e-4}"
 
 # --- stage 5: no MWER (its N-best decoding of a 135M LLM is hours on a CPU) --------------------
 : "${MWER_STEPS:=0}"
