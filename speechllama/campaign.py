@@ -345,6 +345,15 @@ def run_one(protocol: Protocol, run: RunSpec, s: Settings) -> dict[str, Any]:
     }
 
 
+def missing_scores(protocol: Protocol, row: dict[str, Any]) -> list[str]:
+    """What a finished run's row lacks under ``protocol``: eval sets added to the spec after it
+    ran (their WER), and the cross-entropies of rows from before CE was recorded."""
+    lacking = [ev.name for ev in protocol.evals if ev.name not in row.get("wer", {})]
+    if "ce" not in row:
+        lacking.append("the cross-entropies")
+    return lacking
+
+
 def run_campaign(
     protocol: Protocol,
     runs: Sequence[RunSpec],
@@ -362,12 +371,13 @@ def run_campaign(
         if only and run.name not in only:
             continue
         done = next((row for row in load_results(s.exp) if row["name"] == run.name), None)
-        if done is not None and "ce" in done:
+        lacking = [] if done is None else missing_scores(protocol, done)
+        if done is not None and not lacking:
             say(f"campaign: {run.name}: done before, skipped")
             continue
-        if done is not None:  # a row from before CE was recorded: score its checkpoint again
-            say(f"campaign: {run.name}: done before, adding the cross-entropies")
-            try:  # decoding resumes from EXP/NAME/eval, so only the teacher-forced pass runs
+        if done is not None:  # a set added to the spec, or a row from before CE was recorded
+            say(f"campaign: {run.name}: done before, adding {', '.join(lacking)}")
+            try:  # decoding resumes from EXP/NAME/eval: only new sets and the CE pass run
                 scores = evaluate(protocol, run, s, Path(done["checkpoint"]))
             except (ValueError, OSError, RuntimeError) as exc:
                 say(f"campaign: error: {exc}")

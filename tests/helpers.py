@@ -7,10 +7,14 @@ random draws are those of the tests that used them, so fitted weights are bit-id
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from torch import nn
 
@@ -213,3 +217,43 @@ def assert_rollback_equals_fresh(
             )
         torch.testing.assert_close(out[b], ref[0, 1 + kept :], **TOL)
     return cache
+
+
+# --- a stand-in for Debian's extracted Asterisk prompt packages -----------------------------
+
+_TRANSCRIPTS = """\
+; Core Asterisk Sounds in English
+
+agent-alreadyon: That agent is already logged on.  Please enter your agent number.
+auth-thankyou: Thank you.
+beep: [this is a simple beep tone]
+conf-adminmenu: Please press 1 to mute or unmute yourself, or 8 to exit.
+dictate/both_help: press * to toggle pause, press # to enter a new dictation filename
+dictate/forhelp: Please wait while we connect you to an operator now.
+missing-audio: This prompt has a transcript but no recording at all.
+too-long: This one has words enough but runs far past the limit.
+"""
+
+
+def asterisk_tree(root: Path) -> Path:
+    """An extracted-packages layout: transcripts under usr/share/doc, 8 kHz wavs under
+    usr/share/asterisk/sounds/en_US_f_Allison (one in a subfolder)."""
+    doc = root / "usr/share/doc/asterisk-core-sounds-en"
+    doc.mkdir(parents=True)
+    with gzip.open(doc / "core-sounds-en.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(_TRANSCRIPTS)
+    sounds = root / "usr/share/asterisk/sounds/en_US_f_Allison"
+    seconds = {
+        "agent-alreadyon": 2.0,
+        "auth-thankyou": 0.5,
+        "beep": 0.2,
+        "conf-adminmenu": 3.0,
+        "dictate/both_help": 3.0,
+        "dictate/forhelp": 2.5,
+        "too-long": 31.0,
+    }
+    for name, secs in seconds.items():
+        path = sounds / f"{name}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, np.zeros(int(8000 * secs), dtype=np.float32), 8000, subtype="PCM_16")
+    return root

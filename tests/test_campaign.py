@@ -156,6 +156,16 @@ def test_campaign_runs_resumes_and_reports(data: Path, tmp_path: Path) -> None:
         assert new["wer"] == row["wer"]  # decoding resumed from eval/, same hypotheses
         assert new["ce"] == pytest.approx(row["ce"])
 
+    # an eval set added to the spec later (a new locked set) is scored on the finished runs
+    spec = tmp_path / "more.toml"
+    spec.write_text(SPEC.replace("[[run]]", '[[eval]]\nset = "locked"\n[[run]]', 1))
+    assert main([*args[:2], str(spec), *args[3:]]) == 0
+    assert (exp / "base" / "train.log").stat().st_mtime_ns == log
+    more = [json.loads(line) for line in (exp / RESULTS).read_text().splitlines()]
+    assert all(set(r["wer"]) == {"real", "digits", "locked"} for r in more)
+    assert [r["wer"]["real"] for r in more] == [r["wer"]["real"] for r in rows]
+    (exp / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in again))
+
     doc = tmp_path / "accuracy.md"
     doc.write_text(f"# Campaign\n\nProse before.\n\n{START}\nold\n{END}\n\nProse after.\n")
     png = tmp_path / "real.png"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import asterisk_tree
 
 from speechllama.data.manifest import load_manifest
 from speechllama.data.voices import HELDOUT_VOICES, TRAIN_VOICES
@@ -96,9 +97,11 @@ def test_prepare_builds_every_set_and_resumes(tmp_path: Path) -> None:
     data = tmp_path / "data"
     hours = 0.004  # 14.4 s: a handful of utterances
     common = ["--shared", str(shared), "--jobs", "2", "--speechllama", _speechllama(tmp_path)]
+    asterisk = asterisk_tree(tmp_path / "asterisk")  # stands in for the fetched Debian packages
     proc = _prepare(
         data,
         *common,
+        *("--asterisk", str(asterisk)),
         *("--hours", str(hours), "--dev-limit", "3", "--heldout-limit", "2"),
         cwd=tmp_path,
     )
@@ -108,6 +111,8 @@ def test_prepare_builds_every_set_and_resumes(tmp_path: Path) -> None:
     loaded = {s: load_manifest(data / s / "manifest.jsonl") for s in sets}  # validates each row
     counts = [len(loaded[s]) for s in ("dev", "synth-heldout", "fsdd-train", "fsdd-test")]
     assert counts == [3, 4, 2, 2]
+    locked = load_manifest(data / "asterisk-locked" / "manifest.jsonl")
+    assert [u.id for u in locked] == ["agent-alreadyon", "dictate_forhelp"]
     smoke = [u.text for u in loaded["real-smoke"]]
     assert smoke == ["The quick brown fox.", "A smoke test sentence."]
 
@@ -133,7 +138,16 @@ def test_prepare_builds_every_set_and_resumes(tmp_path: Path) -> None:
     stamps = [p.stat().st_mtime_ns for p in flacs]
     dev_stamp = (data / "dev" / "manifest.jsonl").stat().st_mtime_ns
     again = _prepare(
-        data, *common, "--stage", "3", "--stop-stage", "3", "--hours", str(hours), cwd=tmp_path
+        data,
+        *common,
+        "--stage",
+        "3",
+        "--stop-stage",
+        "3",
+        "--hours",
+        str(hours),
+        *("--asterisk", "skip"),
+        cwd=tmp_path,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"0 synthesized, {len(flacs)} reused, 0 failed" in again.stdout

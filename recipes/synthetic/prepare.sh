@@ -19,12 +19,17 @@
 #   --dev-limit N                synthesize only the first N dev sentences [all 500]
 #   --heldout-limit N            synthesize only the first N held-out sentences [all 500]
 #   --speechllama CMD            the speechllama command [the repo's .venv/bin/speechllama, else PATH]
+#   --asterisk SRC               asterisk-locked's source: fetch (apt-get download the two Debian
+#                                packages into DATA/downloads), skip, or a folder where they are
+#                                already extracted [fetch]
 #
 # Stages:
 #   0  check the synthesis engines and the speechllama command
 #   1  real-smoke, fsdd-train, fsdd-test: import the shared manifest.tsv files (audio referenced);
 #      fsdd-locked: each FSDD speaker's last take of each digit, moved out of fsdd-train
 #      (`speechllama campaign lock-fsdd`): real speech no training run and no choice sees
+#      asterisk-locked: real read sentences, Debian's Asterisk English prompts (one US-English
+#      speaker, 8 kHz, CC-BY-SA-3.0; `speechllama data asterisk`), a test set nothing is chosen on
 #   2  text/: normalise the corpora, drop test sentences, hold out dev and held-out sentences
 #   3  train/: --hours of audio, training voices, varied speed and pitch
 #   4  dev/: the dev sentences (never in train), training voices
@@ -33,7 +38,7 @@
 #   6  validate every manifest and print a summary
 #
 # Output: DATA/<set>/manifest.jsonl for set in train dev synth-heldout fsdd-train fsdd-test
-# fsdd-locked real-smoke (NeMo JSONL; synthetic audio as 16 kHz FLAC next to its manifest).
+# fsdd-locked real-smoke asterisk-locked (NeMo JSONL; synthetic audio as 16 kHz FLAC next to its manifest).
 # Synthesis stages resume: re-running one skips the files already made.
 #
 # Synthesis uses every core. On a 2-core machine never run it next to 2-thread training.
@@ -54,6 +59,7 @@ corpora=""
 dev_limit=""
 heldout_limit=""
 speechllama=""
+asterisk=fetch
 
 log() {
   echo "$(date '+%Y-%m-%d %H:%M:%S') (prepare.sh:${BASH_LINENO[0]}) $*" >&2
@@ -77,6 +83,7 @@ while [ $# -gt 0 ]; do
     --dev-limit) dev_limit=$2; shift 2 ;;
     --heldout-limit) heldout_limit=$2; shift 2 ;;
     --speechllama) speechllama=$2; shift 2 ;;
+    --asterisk) asterisk=$2; shift 2 ;;
     -h|--help) usage 0 ;;
     -*) echo "prepare.sh: unknown option $1" >&2; usage ;;
     *) [ -z "$data" ] || { echo "prepare.sh: one DATA folder only" >&2; usage; }
@@ -119,7 +126,7 @@ if run_stage 0; then
 fi
 
 if run_stage 1; then
-  log "Stage 1: real-smoke, fsdd-train, fsdd-test from $shared"
+  log "Stage 1: real-smoke, fsdd-train, fsdd-test from $shared; asterisk-locked"
   imports=$data/.imports
   "$speechllama" data import-tsv "$shared/real_en_smoke/manifest.tsv" --out "$imports" --name real_smoke
   "$speechllama" data import-tsv "$shared/fsdd/manifest.tsv" --out "$imports" --name fsdd
@@ -130,13 +137,34 @@ if run_stage 1; then
   done
   rmdir "$imports"
   "$speechllama" campaign lock-fsdd "$data"
+  ast_root=$asterisk
+  if [ "$asterisk" = fetch ]; then
+    # apt-get download needs no root; Debian's package lists must be current (apt-get update).
+    ast_root=$data/downloads/asterisk/root
+    if [ ! -d "$ast_root" ]; then
+      mkdir -p "$data/downloads/asterisk"
+      if (cd "$data/downloads/asterisk" \
+          && apt-get download asterisk-core-sounds-en-wav asterisk-core-sounds-en) >&2; then
+        for deb in "$data"/downloads/asterisk/*.deb; do dpkg-deb -x "$deb" "$ast_root.tmp"; done
+        mv "$ast_root.tmp" "$ast_root"
+      else
+        log "asterisk-locked skipped: apt-get download failed (Debian only; apt-get update first)"
+        ast_root=skip
+      fi
+    fi
+  fi
+  if [ "$ast_root" != skip ]; then
+    "$speechllama" data asterisk "$ast_root" --out "$data/asterisk-locked"
+  fi
 fi
 
 if run_stage 2; then
   log "Stage 2: sentence lists in $data/text"
   [ ${#corpus_files[@]} -gt 0 ] || { log "no text corpora in $shared/text (see --corpora)"; exit 1; }
+  excludes=("$shared/real_en_smoke/manifest.tsv" "$shared/fsdd/manifest.tsv")
+  [ ! -f "$data/asterisk-locked/manifest.tsv" ] || excludes+=("$data/asterisk-locked/manifest.tsv")
   "$speechllama" data prepare-text "${corpus_files[@]}" --out "$data/text" --seed "$seed" \
-    --exclude "$shared/real_en_smoke/manifest.tsv" "$shared/fsdd/manifest.tsv"
+    --exclude "${excludes[@]}"
 fi
 
 if run_stage 3; then

@@ -19,6 +19,8 @@ examples:
   speechllama data validate data/synth_train/manifest.jsonl
   speechllama evaluate data/train.jsonl --no-head-accuracy --out exp/pl
   speechllama data relabel data/train.jsonl exp/pl --out data/train_self.jsonl
+  apt-get download asterisk-core-sounds-en-wav asterisk-core-sounds-en  # then dpkg-deb -x each
+  speechllama data asterisk extracted/ --out data/asterisk-locked
 """
 
 
@@ -38,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_validate(sub)
     _add_synth(sub)
     _add_relabel(sub)
+    _add_asterisk(sub)
 
 
 def _add_import_tsv(sub: argparse._SubParsersAction) -> None:
@@ -204,6 +207,44 @@ def _relabel(args: argparse.Namespace) -> int:
         return 1
     write_manifest(kept, args.out, relative=False)
     return 0
+
+
+def _add_asterisk(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "asterisk",
+        help="a locked real-speech test set from Debian's Asterisk English prompts",
+        description="Real read sentences (one US-English speaker, 8 kHz, CC-BY-SA-3.0) from "
+        "the Debian packages asterisk-core-sounds-en-wav (audio) and asterisk-core-sounds-en "
+        "(transcripts), extracted under ROOT (`apt-get download` them, then `dpkg-deb -x` "
+        "each into ROOT). Keeps the prompts whose text can be scored as written (at least "
+        "--min-words words; no digits, keypad symbols or bracketed notes; at most 30 s) and "
+        "writes DIR/manifest.tsv and DIR/manifest.jsonl (audio referenced, not copied).",
+    )
+    p.add_argument("root", type=Path, metavar="ROOT", help="folder with both packages extracted")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--min-words", type=int, default=5, metavar="N", help="default: %(default)s")
+    p.set_defaults(func=_asterisk)
+
+
+def _asterisk(args: argparse.Namespace) -> int:
+    from speechllama.data.asterisk import write_tsv
+    from speechllama.data.tsv import import_tsv
+
+    if not args.root.is_dir():
+        print(f"{_PROG} asterisk: {args.root}: no such folder", file=sys.stderr)
+        return 1
+    try:
+        selection = write_tsv(args.root, args.out / "manifest.tsv", min_words=args.min_words)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{_PROG} asterisk: {exc}", file=sys.stderr)
+        return 1
+    result = import_tsv(selection.tsv, args.out, name="manifest")
+    for problem in result.problems:
+        print(f"{_PROG} asterisk: {problem}", file=sys.stderr)
+    left_out = ", ".join(f"{n} {why}" for why, n in sorted(selection.dropped.items()))
+    print(f"{result.manifests['manifest']}: {result.counts['manifest']} utterances "
+          f"(left out: {left_out or 'none'})")  # fmt: skip
+    return 1 if result.problems else 0
 
 
 def _unavailable(reason: str) -> int:
