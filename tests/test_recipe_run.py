@@ -49,7 +49,7 @@ def test_dry_run_lists_every_stage_with_the_config_values(tmp_path):
         r"prepare\.sh D --hours 50 ",
         r"cat D/train/manifest\.jsonl D/fsdd-train/manifest\.jsonl > .*/train\.jsonl",
         r"tokenizer train --text D/text/train\.txt --vocab-size 1024 ",
-        r"train --train .*--preset small --max-steps 2400 --warmup 300 --lr 2e-3 --out .*/nt$",
+        r"train --train .*--preset small --max-steps 6400 --warmup 300 --lr 2e-3 --out .*/nt$",
         r"train --train .*--init .*/nt/best --heads 4 --head-kind latent .*--out .*/mtp$",
         r"train --train .*--init .*/mtp/best --mwer --mwer-nbest 4 .*--out .*/mwer$",
         r"evaluate D/synth-heldout/manifest\.jsonl --model .*/mwer/best --decoding greedy ",
