@@ -4,6 +4,7 @@ script itself holds no hyper-parameter (all of them live in conf/small.sh)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -115,6 +116,24 @@ def test_real_run_writes_markers_and_guards_mwer(tmp_path):
     again = _run("--exp", str(exp), "--speechllama", str(fake), "--stage", "7", dry=False)
     assert "Stage 7: done before" in again.stderr
     assert len(log.read_text().splitlines()) == calls
+
+
+@pytest.mark.parametrize(("mwer_wer", "ships"), [(0.52, "mtp"), (0.48, "mwer")])
+def test_mwer_ships_only_when_its_dev_wer_is_no_worse(tmp_path, mwer_wer, ships):
+    """Stage 7 exports MWER's model only when its best dev WER is at most stage 4's."""
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "speechllama"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
+    fake.chmod(0o755)
+    exp = tmp_path / "exp"
+    for run, wers in (("mtp", [0.55, 0.4955]), ("mwer", [mwer_wer])):
+        (exp / run / "best").mkdir(parents=True)
+        rows = [{"event": "train", "step": 1}] + [{"event": "eval", "dev_wer": w} for w in wers]
+        (exp / run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = _run("--exp", str(exp), "--speechllama", str(fake), "--stage", "7", dry=False)
+    assert p.returncode == 0, p.stderr
+    assert log.read_text().splitlines()[-1] == f"export {exp}/{ships}/best --dtype float16"
+    assert ("MWER raised dev WER (0.4955 -> 0.52)" in p.stderr) == (ships == "mtp")
 
 
 def test_smollm_conf_trains_adapter_then_lora_then_heads(tmp_path):
