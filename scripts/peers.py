@@ -75,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also one row per manifest 'source' (e.g. real-smoke's corpora)",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="write header, rows and errors")
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each system alone in a fresh process, one after another, instead of taking "
+        "turns in one process (once faster-whisper has run in a process, our decoding there "
+        "is about 1.4x slower)",
+    )
     add_decoding_args(p)
     p.set_defaults(batch_size=1)
     return p.parse_args(argv)
@@ -93,42 +100,18 @@ def named_manifests(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from speechllama.bench_peers import (
-        OurModel,
-        build_peers,
-        format_table,
-        header,
-        load_set,
-        run_set,
-        to_json,
-    )
-    from speechllama.cli.bench import set_threads
-    from speechllama.cli.transcribe import decoding_options
+    from speechllama.bench_peers import format_table, header, measure, measure_isolated, to_json
 
     try:
-        set_threads(args.threads)
-        systems = build_peers([s for s in args.systems.split(",") if s], args.threads)
-        if args.model:
-            from speechllama.transcribe import load_model
-
-            model = load_model(args.model, device=args.device, precision=args.dtype)
-            where = Path(args.model)
-            name = f"speechllama {where.parent.name}/{where.name}" if where.is_dir() else None
-            name = (name or "speechllama") + ("" if args.dtype == "float32" else f" {args.dtype}")
-            # Batched rows are throughput, not latency: the table must say which it is.
-            name += f" batch {args.batch_size}" if args.batch_size != 1 else ""
-            systems.insert(0, OurModel(model, decoding_options(args), name))
-        rows, errors = [], []
-        for name, path in named_manifests(args):
-            data = load_set(name, path, args.limit)
-            errors += [f"{name}: {e}" for e in data.errors]
-            set_rows, set_errors = run_set(systems, data, args.chunk, args.by_source)
-            rows += set_rows
-            errors += set_errors
+        peers = [s for s in args.systems.split(",") if s]
+        if not peers and not args.model:
+            raise ValueError("no system to run")
+        run = measure_isolated if args.isolate else measure
+        rows, errors = run(args, peers, bool(args.model), named_manifests(args))
     except (OSError, ValueError) as err:
         print(f"peers.py: error: {err}", file=sys.stderr)
         return 1
-    head = header(args.chunk)
+    head = header(args.chunk, args.isolate)
     print(format_table(rows, head), flush=True)
     for error in errors:
         print(f"peers.py: error: {error}", file=sys.stderr)

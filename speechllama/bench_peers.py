@@ -309,6 +309,66 @@ def run_set(
     return rows, errors
 
 
+def measure(
+    args: Any, peers: Sequence[str], with_model: bool, sets: Sequence[tuple[str, Path]]
+) -> tuple[list[PeerRow], list[str]]:
+    """The peers script's work in this process: ``peers`` and, with ``with_model``, our model
+    (``args``: the script's options) on every ``(name, manifest)`` of ``sets``."""
+    from speechllama.cli.bench import set_threads
+    from speechllama.cli.transcribe import decoding_options
+
+    set_threads(args.threads)
+    systems = build_peers(list(peers), args.threads)
+    if with_model:
+        from speechllama.transcribe import load_model
+
+        model = load_model(args.model, device=args.device, precision=args.dtype)
+        where = Path(args.model)
+        name = f"speechllama {where.parent.name}/{where.name}" if where.is_dir() else None
+        name = (name or "speechllama") + ("" if args.dtype == "float32" else f" {args.dtype}")
+        # Batched rows are throughput, not latency: the table must say which it is.
+        name += f" batch {args.batch_size}" if args.batch_size != 1 else ""
+        systems.insert(0, OurModel(model, decoding_options(args), name))
+    rows: list[PeerRow] = []
+    errors: list[str] = []
+    for set_name, path in sets:
+        data = load_set(set_name, path, args.limit)
+        errors += [f"{set_name}: {e}" for e in data.errors]
+        set_rows, set_errors = run_set(systems, data, args.chunk, args.by_source)
+        rows += set_rows
+        errors += set_errors
+    return rows, errors
+
+
+def measure_isolated(
+    args: Any, peers: Sequence[str], with_model: bool, sets: Sequence[tuple[str, Path]]
+) -> tuple[list[PeerRow], list[str]]:
+    """``measure`` with each system in a fresh process of its own, one after another. Why:
+    once faster-whisper (CTranslate2) has run in a process, our decoding in that process stays
+    about 1.4x slower (session 9; idle threads use no CPU and the affinity is unchanged, so the
+    cause is open). Rows come in ``measure``'s order: per set, every system in turn."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    units: list[str | None] = [None] if with_model else []
+    units += list(peers)
+    done = []
+    for unit in units:
+        ctx = multiprocessing.get_context("spawn")  # fresh: no runtime from another system
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            only = [] if unit is None else [unit]
+            done.append(pool.submit(measure, args, only, unit is None, sets).result())
+    order: dict[str, int] = {}
+    for rows, _ in done:
+        for row in rows:
+            order.setdefault(row.set, len(order))
+    ranked = sorted(
+        ((row, u) for u, (rows, _) in enumerate(done) for row in rows),
+        key=lambda ru: (order[ru[0].set], ru[1]),
+    )
+    return [row for row, _ in ranked], [e for _, errors in done for e in errors]
+
+
 # --- output -------------------------------------------------------------------------------------
 
 
@@ -319,7 +379,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def header(chunk: int) -> dict[str, Any]:
+def header(chunk: int, isolated: bool = False) -> dict[str, Any]:
     """The machine and library versions the numbers come from."""
     import speechllama
     from speechllama.bench import cpu_model
@@ -334,6 +394,7 @@ def header(chunk: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
         "chunk": chunk,
+        "isolated": isolated,
     }
 
 
@@ -344,7 +405,9 @@ def format_table(rows: Sequence[PeerRow], head: dict[str, Any] | None = None) ->
         versions = ", ".join(f"{k} {v}" for k, v in head["versions"].items())
         lines += [
             f"{head['cpu']} | python {head['python']} | {versions}",
-            f"warm-up, then systems take turns every {head['chunk']} utterances",
+            "warm-up, then each system alone in a fresh process"
+            if head.get("isolated")
+            else f"warm-up, then systems take turns every {head['chunk']} utterances",
             "",
         ]
     width = max([len(r.system) for r in rows] + [6])

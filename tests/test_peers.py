@@ -180,6 +180,25 @@ def test_script_runs_our_model_without_peers(tiny, tmp_path, capsys):
     assert [(r["system"], r["set"]) for r in doc["rows"]] == [(name, "mine")]
     assert "speechllama" in capsys.readouterr().out
     assert script.main(["--systems", "nope", str(manifest)]) == 1
+    assert script.main(["--systems", "", str(manifest)]) == 1  # nothing to run
+
+
+def test_isolated_run_gives_the_same_rows_from_a_fresh_process(tiny, tmp_path):
+    """--isolate runs each system in a spawned process of its own: same transcripts, so the
+    same WER, and the table says how it ran."""
+    ckpt, manifest = tiny
+    script = _script()
+    common = ["--systems", "", "--model", str(ckpt), "--threads", "1",
+              "--max-tokens-per-second", "4", f"mine={manifest}"]  # fmt: skip
+    docs = []
+    for extra in ([], ["--isolate"]):
+        out = tmp_path / f"peers{len(extra)}.json"
+        assert script.main([*common, *extra, "--json", str(out)]) == 0
+        docs.append(json.loads(out.read_text()))
+    shared, isolated = docs
+    assert [r["wer"] for r in isolated["rows"]] == [r["wer"] for r in shared["rows"]]
+    assert [r["system"] for r in isolated["rows"]] == [r["system"] for r in shared["rows"]]
+    assert isolated["header"]["isolated"] and not shared["header"]["isolated"]
 
 
 def test_default_sets_are_named_after_their_folders():

@@ -265,7 +265,7 @@ if want 6 "evaluate $final on $EVAL_SETS; bench on $BENCH_SET; peers"; then
     "${methods[@]}" --json "$exp/bench.json" --plot "$exp/bench.png"
   if [ -n "$dry_run" ] || "$python" -c "import faster_whisper, pocketsphinx" 2>/dev/null; then
     run_to "$exp/peers.txt" "$python" "$repo/scripts/peers.py" --data "$data" --model "$final" \
-      --device "$device" --by-source --threads "$BENCH_THREADS" --json "$exp/peers.json"
+      --device "$device" --by-source --isolate --threads "$BENCH_THREADS" --json "$exp/peers.json"
     run_to "$exp/peers-digits.txt" "$python" "$repo/scripts/peers.py" --systems pocketsphinx-digits \
       "fsdd-test=$data/fsdd-test/manifest.jsonl" --json "$exp/peers-digits.json"
   else
