@@ -236,16 +236,27 @@ fi
 # MWER's model is final only when its dev WER is no worse than stage 4's: 60 MWER steps took
 # dev WER from 65.6% to 63.6% on the session-3 trunk, but from 49.6% to 52.1% on session 9's.
 final=$mtp/best
-best_dev_wer() {  # the lowest dev WER a run logged (its best/), or 2 when it logged none
-  "$python" -c 'import json, sys
-w = [json.loads(l).get("dev_wer") for l in open(sys.argv[1]) if l.strip()]
-print(min([x for x in w if x is not None] or [2.0]))' "$1/metrics.jsonl" 2>/dev/null || echo 2
+# Prints "STAGE4 MWER", the lowest dev WER each run logged (its best/; 2 when it logged none),
+# and succeeds when MWER's is no worse.
+mwer_no_worse() {
+  "$python" - "$mtp/metrics.jsonl" "$exp/mwer/metrics.jsonl" <<'PY'
+import json, sys
+def best(path):
+    try:
+        wers = [json.loads(line).get("dev_wer") for line in open(path) if line.strip()]
+    except (OSError, ValueError):
+        return 2.0
+    return min([w for w in wers if w is not None] or [2.0])
+mtp, mwer = (best(path) for path in sys.argv[1:])
+print(mtp, mwer)
+sys.exit(mwer > mtp)
+PY
 }
 if [ -d "$exp/mwer/best" ] && [ -z "$dry_run" ]; then
-  mwer_wer=$(best_dev_wer "$exp/mwer"); mtp_wer=$(best_dev_wer "$mtp")
-  if "$python" -c "import sys; sys.exit(not float('$mwer_wer') <= float('$mtp_wer'))"; then
+  if wers=$(mwer_no_worse); then
     final=$exp/mwer/best
   else
+    read -r mtp_wer mwer_wer <<< "$wers"
     log "MWER raised dev WER ($mtp_wer -> $mwer_wer): the final model is $mtp/best"
   fi
 elif [ -n "$dry_run" ] && [ "$MWER_STEPS" -gt 0 ] && [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then

@@ -34,9 +34,8 @@ from pathlib import Path
 
 from speechllama.audio import MAX_SECONDS, AudioError, audio_duration
 
-__all__ = ["NAME", "Selection", "find_transcripts", "reject_reason", "write_tsv"]
+__all__ = ["Selection", "find_transcripts", "reject_reason", "write_tsv"]
 
-NAME = "asterisk-locked"
 SPEAKER = "Allison Smith"
 SOURCE = "Asterisk core sounds en 1.6.1 (Debian asterisk-core-sounds-en-wav), Allison Smith"
 LICENSE = "CC-BY-SA-3.0"
@@ -80,14 +79,14 @@ def _read_transcripts(path: Path) -> dict[str, str]:
     return out
 
 
-def _sounds_root(root: Path) -> tuple[Path, int]:
+def _sounds_root(root: Path) -> Path:
     """The folder that holds most of the wavs: prompt names (``dictate/pause``) are relative to
-    it. Returns it with the number of wavs found."""
+    it."""
     wavs = list(root.rglob("*.wav"))
     if not wavs:
         raise FileNotFoundError(f"{root}: no .wav files below it (asterisk-core-sounds-en-wav)")
     parents = Counter(w.parent for w in wavs)
-    return parents.most_common(1)[0][0], len(wavs)
+    return parents.most_common(1)[0][0]
 
 
 def reject_reason(text: str, min_words: int) -> str | None:
@@ -106,7 +105,7 @@ def write_tsv(
     path, text, id, speaker, source, license; absolute audio paths), sorted by prompt name."""
     root = Path(root)
     prompts = _read_transcripts(find_transcripts(root))
-    sounds, _ = _sounds_root(root)
+    sounds = _sounds_root(root)
     dropped: Counter[str] = Counter()
     rows: list[dict[str, str]] = []
     for name, text in sorted(prompts.items()):
