@@ -82,7 +82,7 @@ class RotarySelfAttention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, d), key_mask (B, 1, 1, T) or None, rotary cos/sin (T, head_dim)."""
         b, t, d = x.shape
-        qkv = self.qkv(self.norm(x)).view(b, t, 3, self.n_heads, d // self.n_heads)
+        qkv = self.qkv(self.norm(x)).reshape(b, t, 3, self.n_heads, d // self.n_heads)
         q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))  # (B, H, T, hd)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         y = F.scaled_dot_product_attention(

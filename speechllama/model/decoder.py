@@ -219,9 +219,9 @@ class Attention(nn.Module):
             assert slots is not None and mask is not None
             return self._cached(x, rope, cache, layer, slots, mask)
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope[0][:, None], rope[1][:, None]
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         repeat = self.n_heads // self.n_kv_heads
@@ -249,7 +249,7 @@ class Attention(nn.Module):
         if not isinstance(mask, CallMask):
             mask = call_mask(mask, r, x.dtype)
         weights = (self.wq.weight, self.wk.weight, self.wv.weight)
-        qkv = self.packed.linear(x, "qkv", weights).view(B, T, H + 2 * G, D)
+        qkv = self.packed.linear(x, "qkv", weights).reshape(B, T, H + 2 * G, D)
         qk = _apply_rope(qkv[:, :, : H + G], rope[0][:, :, None], rope[1][:, :, None])
         cache.write(layer, slots, qk[:, :, H:].transpose(1, 2), qkv[:, :, H + G :].transpose(1, 2))
         k, v = cache.read(layer, mask.width)
@@ -258,7 +258,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.bias, dropout_p=p
         )
-        out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        out = out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.packed.linear(out, "o", (self.wo.weight,))
 
 

@@ -40,7 +40,7 @@ class LatentHeads(OutputHeads):
         if n == 1:
             return first
         latents = self.linear(hidden, "maps", self.maps[d : n * d], decode)
-        latents = latents.view(*hidden.shape[:-1], n - 1, d)
+        latents = latents.reshape(*hidden.shape[:-1], n - 1, d)
         return torch.cat([first, self.linear(latents, "proj", unembed, decode)], dim=-2)
 
 

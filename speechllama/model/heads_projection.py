@@ -37,7 +37,7 @@ class ProjectionHeads(OutputHeads):
             return first
         d, vocab = hidden.shape[-1], self.proj.out_features
         rest = self.linear(hidden, "extra", self.extra[: n - 1].reshape(-1, d), decode)
-        return torch.cat([first, rest.view(*hidden.shape[:-1], n - 1, vocab)], dim=-2)
+        return torch.cat([first, rest.reshape(*hidden.shape[:-1], n - 1, vocab)], dim=-2)
 
     def load_unembedding(self, weight: torch.Tensor) -> None:
         super().load_unembedding(weight)

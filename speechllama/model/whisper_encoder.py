@@ -59,7 +59,7 @@ class WhisperAttention(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, d); key_mask (B, 1, 1, T) bool or None -> (B, T, d)."""
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
