@@ -144,8 +144,9 @@ def test_expand_heads_keeps_the_next_token_model(kind: str, tied: bool, batch: d
         ref, got = base(**batch), new(**batch)
     for k in range(K):  # head 1 is the old model; the others start as copies of it
         torch.testing.assert_close(got[:, :, k], ref[:, :, 0], atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="next-token"):
-        expand_heads(new, HeadsConfig(kind="latent", num_heads=2))
+    again = expand_heads(new, HeadsConfig(kind="latent", num_heads=2))  # via its head 1
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch)[:, :, 1], ref[:, :, 0], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="loss_weights"):
         expand_heads(base, HeadsConfig(kind=kind, num_heads=2, loss_weights=(1.0,)))
 

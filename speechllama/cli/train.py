@@ -62,13 +62,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--heads",
         type=int,
         metavar="K",
-        help="multi-token heads; with --init, a next-token model's output layer seeds them",
+        help="multi-token heads; with --init, its next-token output layer seeds them (--heads 1 "
+        "--head-kind linear: a multi-token --init continues as its next-token trunk)",
     )
     model.add_argument(
         "--head-kind", metavar="KIND", help="linear | projection | latent | medusa | layer"
     )
     model.add_argument(
         "--head-loss-weights", type=float, nargs="+", metavar="W", help="one weight per head"
+    )
+    model.add_argument(
+        "--heads-from",
+        metavar="CKPT",
+        help="start the multi-token heads from this checkpoint's (same heads config): e.g. "
+        "the heads of the model whose trunk --init continued (--heads 1 --head-kind linear)",
     )
     model.add_argument(
         "--model-set",
@@ -254,6 +261,7 @@ def _run(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         num_heads=args.heads,
         head_kind=args.head_kind,
+        heads_from=args.heads_from,
         head_loss_weights=tuple(args.head_loss_weights) if args.head_loss_weights else None,
         model_overrides=parse_key_values(args.model_set or [], "--model-set"),
         freeze=tuple(args.freeze),

@@ -199,16 +199,13 @@ def heads_parameter_report(cfg: ModelConfig, num_heads: int | None = None) -> di
 
 
 def expand_heads(model: SpeechLLaMA, heads_cfg: HeadsConfig) -> SpeechLLaMA:
-    """A copy of next-token ``model`` (kind ``linear``) with new heads ``heads_cfg``: encoder,
+    """A copy of next-token ``model`` (kind ``linear``; a multi-token one is first reduced to
+    head 1) with new heads ``heads_cfg``: encoder,
     adapter, decoder and CTC head are copied; head 1 / the shared un-embedding starts from the
     old output layer, so head 1's logits equal the old model's, and the other heads start as
     copies of head 1. For fine-tuning an existing checkpoint into a multi-token model."""
+    model = next_token_model(model)  # a multi-token model keeps head 1, gets new heads
     old = model.config
-    if old.heads.kind != "linear":
-        raise ValueError(
-            f"expand_heads starts from a next-token model (heads.kind='linear'), "
-            f"not {old.heads.kind!r}"
-        )
     cfg = old.replace(heads=heads_cfg)
     cfg.validate()
     new = copy.deepcopy(model)  # keeps the tied embedding tied inside the copy
@@ -220,6 +217,52 @@ def expand_heads(model: SpeechLLaMA, heads_cfg: HeadsConfig) -> SpeechLLaMA:
     new.heads.train(model.training)
     new.decoder_calls = 0
     return new
+
+
+def next_token_model(model: SpeechLLaMA) -> SpeechLLaMA:
+    """A copy of multi-token ``model`` with its heads reduced to head 1, the next-token layer
+    (kind ``linear``): the trunk's greedy output is unchanged. For continuing the trunk of a
+    shipped multi-token model as a next-token model, then putting heads back on it
+    (:func:`expand_heads`, :func:`copy_heads`), as the paper trains heads on a trained trunk."""
+    old = model.config
+    if old.heads.kind == "linear":
+        return model
+    cfg = old.replace(heads=HeadsConfig(kind="linear", num_heads=1))
+    new = copy.deepcopy(model)
+    new.config = cfg
+    weight = new.heads.proj.weight
+    head = build_heads(cfg, new.decoder.embed).to(device=weight.device, dtype=weight.dtype)
+    head.load_unembedding(weight.detach())
+    probe = torch.randn(1, 4, cfg.decoder.d_model, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():  # ``layer`` heads are not position-wise; their head 1 is ``proj``
+        plain = old.heads.kind == "layer" or torch.allclose(
+            model.heads.logits(probe, 1), head.logits(probe, 1)
+        )
+        if not plain:
+            raise ValueError(
+                f"head 1 of these {old.heads.kind!r} heads is not the plain un-embedding "
+                "(it was trained with the trunk), so the trunk alone would change greedy output"
+            )
+    new.heads = head
+    new.heads.train(model.training)
+    new.decoder_calls = 0
+    return new
+
+
+def copy_heads(model: SpeechLLaMA, donor: SpeechLLaMA) -> list[str]:
+    """Copy ``donor``'s multi-token head weights into ``model`` in place, except the shared
+    un-embedding ``proj`` (the trunk's own): heads trained on an earlier trunk start the heads of
+    a continued one close to where they end. Both must have the same heads config and sizes.
+    Returns the copied parameter names."""
+    if donor.config.heads != model.config.heads:
+        raise ValueError(f"heads differ: {donor.config.heads} (donor) against {model.config.heads}")
+    state = {k: v for k, v in donor.heads.state_dict().items() if k != "proj.weight"}
+    own = model.heads.state_dict()
+    for name, tensor in state.items():
+        if name not in own or own[name].shape != tensor.shape:
+            raise ValueError(f"heads parameter {name} does not fit: {tuple(tensor.shape)}")
+    model.heads.load_state_dict(state, strict=False)
+    return sorted(state)
 
 
 # The kinds register themselves on import; they need the names above, so they come last.

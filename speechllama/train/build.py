@@ -54,8 +54,9 @@ def build_model(
     CTC head to a preset. ``overrides`` sets dotted preset keys (``{"adapter.norm": "rms"}``,
     see ``ModelConfig.with_overrides``); a checkpoint's architecture is fixed. ``heads`` overrides
     ``HeadsConfig`` fields: of a preset, or of an
-    ``init`` next-token model, whose output layer then seeds the new heads (``expand_heads``:
-    head 1 starts equal to the old model, as the paper's "heads from a trained model")."""
+    ``init`` model, whose next-token output layer then seeds the new heads (``expand_heads``:
+    head 1 starts equal to the old model, as the paper's "heads from a trained model"); kind
+    ``linear`` reduces a multi-token ``init`` to its next-token trunk."""
     from speechllama.model.config import HeadsConfig
     from speechllama.model.speechllama import SpeechLLaMA
 
@@ -76,11 +77,7 @@ def build_model(
         if tokenizer is not None and tokenizer_id(tokenizer) != tokenizer_id(tok):
             raise ValueError(f"{init}: --tokenizer differs from the checkpoint's tokenizer")
         if heads:
-            from speechllama.model.heads import expand_heads
-
-            new = HeadsConfig(**{**model.config.heads.__dict__, **heads})
-            if new != model.config.heads:
-                model = expand_heads(model, new)
+            model = _reheaded(model, HeadsConfig(**{**model.config.heads.__dict__, **heads}))
         return model.train(), tok
     if tokenizer is None or preset_name is None:
         raise ValueError("a preset needs a tokenizer")
@@ -100,6 +97,21 @@ def build_model(
 
     load_sources(model)
     return model.train(), tokenizer
+
+
+def _reheaded(model: torch.nn.Module, new: Any) -> torch.nn.Module:
+    """``model`` with heads config ``new``: the same heads with other loss weights keep their
+    weights; ``linear`` reduces a multi-token model to its next-token trunk; any other change
+    puts fresh heads (copies of head 1) on the trunk."""
+    from speechllama.model.heads import expand_heads, next_token_model
+
+    old = model.config.heads
+    if new == old:
+        return model
+    if (new.kind, new.num_heads, new.medusa_blocks) == (old.kind, old.num_heads, old.medusa_blocks):
+        model.config = model.config.replace(heads=new)
+        return model
+    return next_token_model(model) if new.kind == "linear" else expand_heads(model, new)
 
 
 LORA_KEYS = ("decoder.lora_rank", "decoder.lora_alpha", "decoder.lora_targets")

@@ -24,7 +24,9 @@ class TrainConfig:
 
     ``tokenizer``: a SentencePiece file; without it one of ``vocab_size`` pieces is trained on
     the ``text`` files (or on the training transcripts). ``num_heads``/``head_kind``/
-    ``head_loss_weights`` override the model's multi-token heads (None: keep them). ``freeze``
+    ``head_loss_weights`` override the model's multi-token heads (None: keep them);
+    ``heads_from`` (a checkpoint with the same heads) then gives the new heads its weights, all
+    but the trunk's shared un-embedding. ``freeze``
     names parts (encoder, adapter, decoder, ctc_head) that get no gradient; a frozen encoder's
     outputs are cached like a pretrained one's. Freezing encoder, adapter and decoder is
     heads-only training: head 1 stays frozen too unless ``train_head_one`` (None: frozen exactly
@@ -55,6 +57,7 @@ class TrainConfig:
     num_heads: int | None = None
     head_kind: str | None = None
     head_loss_weights: tuple[float, ...] | None = None
+    heads_from: str | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
     freeze: tuple[str, ...] = ()
     train_head_one: bool | None = None

@@ -214,7 +214,7 @@ class Trainer:
             "loss_weights": cfg.head_loss_weights,
         }
         heads = {k: v for k, v in heads.items() if v is not None}
-        return build_model(
+        model, tok = build_model(
             cfg.preset,
             cfg.init,
             tok,
@@ -222,6 +222,12 @@ class Trainer:
             heads=heads,
             overrides=cfg.model_overrides,
         )
+        if cfg.heads_from:
+            from speechllama.checkpoint import load_checkpoint
+            from speechllama.model.heads import copy_heads
+
+            copy_heads(model, load_checkpoint(cfg.heads_from)[0])
+        return model, tok
 
     def _encoder_top(self) -> bool:
         """Whether this run trains the top blocks of a frozen pretrained encoder."""
