@@ -17,6 +17,7 @@
 #   --hours H          new training audio [36]
 #   --seed S           voices, speed, pitch and sentence order; not the seed the model saw [11]
 #   --voices V         `data synth --voices` [train]
+#   --dev MANIFEST     dev set that picks best/ [200 new sentences read by --voices]
 #   --mix "M1 M2"      manifests added to the new audio, e.g. fsdd-train: leaving the real
 #                      digits out cost fsdd-test 3.0% -> 7.7% WER in session 10's run []
 #   --steps N          trunk steps [500]; --head-steps N  head steps [200]
@@ -37,6 +38,7 @@ hours=36
 seed=11
 voices=train
 mix=""
+dev=""
 steps=500
 head_steps=200
 lr=5e-4
@@ -51,6 +53,7 @@ while [ $# -gt 0 ]; do
     --seed) seed=$2; shift 2 ;;
     --voices) voices=$2; shift 2 ;;
     --mix) mix=$2; shift 2 ;;
+    --dev) dev=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
     --head-steps) head_steps=$2; shift 2 ;;
     --lr) lr=$2; shift 2 ;;
@@ -75,25 +78,28 @@ mkdir -p "$exp"
 log "new audio: $hours h, seed $seed, voices $voices"
 "$sl" data synth --text "$text/train.txt" --out "$exp/data/train" --hours "$hours" \
   --seed "$seed" --voices "$voices" --no-progress
-"$sl" data synth --text "$text/dev.txt" --out "$exp/data/dev" --limit 200 --seed "$seed" \
-  --voices "$voices" --no-progress
+if [ -z "$dev" ]; then
+  "$sl" data synth --text "$text/dev.txt" --out "$exp/data/dev" --limit 200 --seed "$seed" \
+    --voices "$voices" --no-progress
+  dev=$exp/data/dev/manifest.jsonl
+fi
 read -r -a extra <<< "$mix"
 # beside the synthesized manifest, whose audio paths are relative to its folder
 cat "$exp/data/train/manifest.jsonl" "${extra[@]}" > "$exp/data/train/mixed.jsonl"
 
-common=(--train "$exp/data/train/mixed.jsonl" --dev "$exp/data/dev/manifest.jsonl" --no-cache
+common=(--train "$exp/data/train/mixed.jsonl" --dev "$dev" --no-cache
   --augment --workers "$workers" --max-duration "$max_duration" --save-dtype float16
   --save-every 200 --log-every 50 --no-progress --resume)
 log "trunk: $steps next-token steps from $from"
 "$sl" train --init "$from" --heads 1 --head-kind linear --out "$exp/nt" --max-steps "$steps" \
   --lr "$lr" --warmup $((steps / 15 + 1)) --eval-every $(((steps + 1) / 2)) \
-  --eval-utterances 200 "${common[@]}"
+  --eval-utterances 150 "${common[@]}"
 heads=$(python3 -c "import json, sys; h = json.load(open(sys.argv[1]))['model']['heads']
 print(h['num_heads'], h['kind'])" "$from/config.json")
 log "heads: $head_steps steps, $heads, from $from"
 "$sl" train --init "$exp/nt/best" --heads "${heads% *}" --head-kind "${heads#* }" \
   --heads-from "$from" --freeze encoder adapter decoder --no-hidden-cache --out "$exp/heads" \
   --max-steps "$head_steps" --lr 3e-4 --warmup 10 --eval-every "$head_steps" \
-  --eval-utterances 200 "${common[@]}"
+  --eval-utterances 150 "${common[@]}"
 "$sl" export "$exp/heads/best" --out "$exp/final"
 log "done: $exp/final"
