@@ -199,15 +199,31 @@ def heads_parameter_report(cfg: ModelConfig, num_heads: int | None = None) -> di
 
 
 def expand_heads(model: SpeechLLaMA, heads_cfg: HeadsConfig) -> SpeechLLaMA:
-    """A copy of next-token ``model`` (kind ``linear``; a multi-token one is first reduced to
-    head 1) with new heads ``heads_cfg``: encoder,
+    """A copy of ``model`` with new heads ``heads_cfg``, seeded from its next-token output
+    layer (a multi-token model's head 1, which must be the plain un-embedding): encoder,
     adapter, decoder and CTC head are copied; head 1 / the shared un-embedding starts from the
     old output layer, so head 1's logits equal the old model's, and the other heads start as
     copies of head 1. For fine-tuning an existing checkpoint into a multi-token model."""
-    model = next_token_model(model)  # a multi-token model keeps head 1, gets new heads
-    old = model.config
-    cfg = old.replace(heads=heads_cfg)
+    if model.config.heads.kind != "linear":
+        _check_plain_head_one(model)
+    cfg = model.config.replace(heads=heads_cfg)
     cfg.validate()
+    return _with_heads(model, cfg)
+
+
+def next_token_model(model: SpeechLLaMA) -> SpeechLLaMA:
+    """A copy of multi-token ``model`` with its heads reduced to head 1, the next-token layer
+    (kind ``linear``): the trunk's greedy output is unchanged. For continuing the trunk of a
+    shipped multi-token model as a next-token model, then putting heads back on it
+    (:func:`expand_heads`, :func:`copy_heads`), as the paper trains heads on a trained trunk."""
+    if model.config.heads.kind == "linear":
+        return model
+    _check_plain_head_one(model)
+    return _with_heads(model, model.config.replace(heads=HeadsConfig(kind="linear", num_heads=1)))
+
+
+def _with_heads(model: SpeechLLaMA, cfg: ModelConfig) -> SpeechLLaMA:
+    """A copy of ``model`` whose heads are fresh ``cfg.heads`` on its un-embedding ``proj``."""
     new = copy.deepcopy(model)  # keeps the tied embedding tied inside the copy
     new.config = cfg
     weight = new.heads.proj.weight
@@ -219,34 +235,22 @@ def expand_heads(model: SpeechLLaMA, heads_cfg: HeadsConfig) -> SpeechLLaMA:
     return new
 
 
-def next_token_model(model: SpeechLLaMA) -> SpeechLLaMA:
-    """A copy of multi-token ``model`` with its heads reduced to head 1, the next-token layer
-    (kind ``linear``): the trunk's greedy output is unchanged. For continuing the trunk of a
-    shipped multi-token model as a next-token model, then putting heads back on it
-    (:func:`expand_heads`, :func:`copy_heads`), as the paper trains heads on a trained trunk."""
-    old = model.config
-    if old.heads.kind == "linear":
-        return model
-    cfg = old.replace(heads=HeadsConfig(kind="linear", num_heads=1))
-    new = copy.deepcopy(model)
-    new.config = cfg
-    weight = new.heads.proj.weight
-    head = build_heads(cfg, new.decoder.embed).to(device=weight.device, dtype=weight.dtype)
-    head.load_unembedding(weight.detach())
-    probe = torch.randn(1, 4, cfg.decoder.d_model, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():  # ``layer`` heads are not position-wise; their head 1 is ``proj``
-        plain = old.heads.kind == "layer" or torch.allclose(
-            model.heads.logits(probe, 1), head.logits(probe, 1)
+def _check_plain_head_one(model: SpeechLLaMA) -> None:
+    """Refuse heads whose head 1 is not ``proj`` alone (trained with the trunk, e.g. a latent
+    head 1 map away from the identity): dropping the other heads would change greedy output.
+    ``layer`` heads are not position-wise; their head 1 is ``proj`` by construction."""
+    heads = model.heads
+    if model.config.heads.kind == "layer":
+        return
+    weight = heads.proj.weight
+    probe = torch.randn(1, 4, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        plain = torch.allclose(heads.logits(probe, 1)[..., 0, :], F.linear(probe, weight))
+    if not plain:
+        raise ValueError(
+            f"head 1 of these {model.config.heads.kind!r} heads is not the plain un-embedding "
+            "(it was trained with the trunk), so the trunk alone would change greedy output"
         )
-        if not plain:
-            raise ValueError(
-                f"head 1 of these {old.heads.kind!r} heads is not the plain un-embedding "
-                "(it was trained with the trunk), so the trunk alone would change greedy output"
-            )
-    new.heads = head
-    new.heads.train(model.training)
-    new.decoder_calls = 0
-    return new
 
 
 def copy_heads(model: SpeechLLaMA, donor: SpeechLLaMA) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from speechllama.checkpoint import load_checkpoint
-from speechllama.model.config import ModelConfig, preset
+from speechllama.model.config import HeadsConfig, ModelConfig, preset
 from speechllama.text import Tokenizer, read_lines, tokenizer_id, train_tokenizer
 
 
@@ -57,7 +57,6 @@ def build_model(
     ``init`` model, whose next-token output layer then seeds the new heads (``expand_heads``:
     head 1 starts equal to the old model, as the paper's "heads from a trained model"); kind
     ``linear`` reduces a multi-token ``init`` to its next-token trunk."""
-    from speechllama.model.config import HeadsConfig
     from speechllama.model.speechllama import SpeechLLaMA
 
     if init is not None:
@@ -99,7 +98,7 @@ def build_model(
     return model.train(), tokenizer
 
 
-def _reheaded(model: torch.nn.Module, new: Any) -> torch.nn.Module:
+def _reheaded(model: torch.nn.Module, new: HeadsConfig) -> torch.nn.Module:
     """``model`` with heads config ``new``: the same heads with other loss weights keep their
     weights; ``linear`` reduces a multi-token model to its next-token trunk; any other change
     puts fresh heads (copies of head 1) on the trunk."""
