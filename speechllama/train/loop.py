@@ -226,7 +226,10 @@ class Trainer:
             from speechllama.checkpoint import load_checkpoint
             from speechllama.model.heads import copy_heads
 
-            copy_heads(model, load_checkpoint(cfg.heads_from)[0])
+            try:
+                copy_heads(model, load_checkpoint(cfg.heads_from)[0])
+            except ValueError as err:
+                raise ValueError(f"--heads-from {cfg.heads_from}: {err}") from None
         return model, tok
 
     def _encoder_top(self) -> bool:
