@@ -146,6 +146,20 @@ def test_deterministic_by_seed_and_by_passed_generator() -> None:
     np.testing.assert_array_equal(y1, y2)
 
 
+def test_clean_share_leaves_that_share_untouched() -> None:
+    x = _sine(300.0)
+    busy = AugmentConfig(speed_prob=0.0, noise_prob=1.0)  # every other utterance is changed
+    outs = [Augmenter(dataclasses.replace(busy, clean_prob=0.5), seed=s)(x) for s in range(200)]
+    clean = sum(np.array_equal(y, x) for y in outs)
+    assert 70 <= clean <= 130  # binomial(200, 0.5): far outside this is a bug
+    half = dataclasses.replace(busy, clean_prob=0.5)
+    first, second = Augmenter(half, seed=3), Augmenter(half, seed=3)
+    for _ in range(6):  # still reproducible by seed
+        np.testing.assert_array_equal(first(x), second(x))
+    with pytest.raises(ValueError, match="clean_prob must be in"):
+        AugmentConfig(clean_prob=2.0)
+
+
 def test_bad_input_and_config() -> None:
     augment = Augmenter(AugmentConfig(noise_prob=1.0, reverb_prob=1.0, band_limit_prob=1.0))
     assert augment(np.zeros(0, dtype=np.float32)).shape == (0,)

@@ -22,6 +22,8 @@
 #                      digits out cost fsdd-test 3.0% -> 7.7% WER in session 10's run []
 #   --steps N          trunk steps [500]; --head-steps N  head steps [200]
 #   --lr LR            trunk peak learning rate [5e-4]
+#   --augment "K=V .." AugmentConfig fields for `train --augment`, e.g. "clean_prob=0.5" to
+#                      leave half of the utterances clean (the defaults leave about 9%) []
 #   --max-duration S   audio seconds per batch [480 on a GPU, 120 on a CPU]
 #   --workers N        data loader workers (load, augment, log-mel) [cores - 2, at least 1]
 #
@@ -42,6 +44,7 @@ dev=""
 steps=500
 head_steps=200
 lr=5e-4
+augment=""
 max_duration=""
 workers=$(($(nproc --all) > 3 ? $(nproc --all) - 2 : 1))
 while [ $# -gt 0 ]; do
@@ -57,6 +60,7 @@ while [ $# -gt 0 ]; do
     --steps) steps=$2; shift 2 ;;
     --head-steps) head_steps=$2; shift 2 ;;
     --lr) lr=$2; shift 2 ;;
+    --augment) augment=$2; shift 2 ;;
     --max-duration) max_duration=$2; shift 2 ;;
     --workers) workers=$2; shift 2 ;;
     -h|--help) sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -84,11 +88,12 @@ if [ -z "$dev" ]; then
   dev=$exp/data/dev/manifest.jsonl
 fi
 read -r -a extra <<< "$mix"
+read -r -a augment_args <<< "$augment"
 # beside the synthesized manifest, whose audio paths are relative to its folder
 cat "$exp/data/train/manifest.jsonl" "${extra[@]}" > "$exp/data/train/mixed.jsonl"
 
 common=(--train "$exp/data/train/mixed.jsonl" --dev "$dev" --no-cache
-  --augment --workers "$workers" --max-duration "$max_duration" --save-dtype float16
+  --augment "${augment_args[@]}" --workers "$workers" --max-duration "$max_duration" --save-dtype float16
   --save-every 200 --log-every 50 --no-progress --resume)
 log "trunk: $steps next-token steps from $from"
 "$sl" train --init "$from" --heads 1 --head-kind linear --out "$exp/nt" --max-steps "$steps" \
