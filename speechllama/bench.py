@@ -44,6 +44,7 @@ from speechllama.bench_methods import (
 from speechllama.decoding import DecodingOptions
 from speechllama.decoding.base import max_tokens_for
 from speechllama.evaluate import evaluate_results
+from speechllama.model.pack_tuning import call_sizes
 
 if TYPE_CHECKING:
     from speechllama.data.manifest import Utterance
@@ -204,6 +205,8 @@ def run_bench(
         if not waves:
             raise ValueError("no utterance could be loaded: " + "; ".join(errors[:3]))
         room = 2 + max(r.lookahead for r in runners.values())
+        # the packed-weight choice of every call size, measured before anything is timed
+        model.tune_packing(call_sizes(options.batch_size, room))
         batches, enc_seconds, too_long = encode_all(transcriber, waves, options, room, repeats)
         errors += [f"{ids[i]}: {msg}" for i, msg in sorted(too_long.items())]
         if not batches:

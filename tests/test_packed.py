@@ -44,26 +44,56 @@ def test_packed_rows_do_not_depend_on_the_row_count() -> None:
 
 
 @needs_onednn
-def test_one_row_packing_is_chosen_by_the_decoders_weight_bytes(monkeypatch) -> None:
+def test_policy_modes_pick_the_kernel(monkeypatch) -> None:
     ws = _weights()
     x = torch.randn(1, 9, 24, generator=torch.Generator().manual_seed(3))
-    p = PackedLinears()
+    p = PackedLinears(packed.PackPolicy("always"))
     with torch.inference_mode():
         every = p.linear(x, "w", ws)
-        p.one_row = True  # one row now takes the packed kernel: the same bits as in a block
-        assert torch.equal(p.linear(x[:, :1], "w", ws), every[:, :1])
-    assert copy.deepcopy(p).one_row
-    from speechllama.model.config import preset
+        assert torch.equal(p.linear(x[:, :1], "w", ws), every[:, :1])  # one row, same bits
+        p.policy.mode = "never"  # MKL on the concatenated matrices
+        got = p.linear(x, "w", ws)
+    assert torch.equal(got, F.linear(x, torch.cat(ws)))
+    monkeypatch.setenv(packed.PACK_ENV, "NEVER")
+    assert packed.PackPolicy().mode == "never"
+    monkeypatch.setenv(packed.PACK_ENV, "sometimes")
+    with pytest.raises(ValueError, match="SPEECHLLAMA_PACK='sometimes'"):
+        packed.PackPolicy()
+
+
+def test_row_buckets_and_call_sizes() -> None:
+    from speechllama.model.pack_tuning import call_sizes
+
+    assert [packed.row_bucket(n) for n in (1, 5, 16, 17, 32, 33, 64)] == [1, 5, 16, 32, 32, 64, 64]
+    assert call_sizes(1, 5) == [1, 2, 3, 4, 5]
+    assert call_sizes(16, 8) == [*range(1, 17), 32, 64]  # 128 rows: 65 and more take MKL
+
+
+@needs_onednn
+def test_a_model_measures_each_call_size_once_and_copies_share_one_policy(monkeypatch) -> None:
+    from speechllama.model.config import HeadsConfig, preset
+    from speechllama.model.heads import expand_heads
     from speechllama.model.speechllama import SpeechLLaMA
 
-    cfg = preset("tiny", 64)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # threads spin: pack every call
-    assert all(q.one_row for q in SpeechLLaMA(cfg)._packed())
-    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # threads sleep: MKL's gemv for small ones
-    assert not any(q.one_row for q in SpeechLLaMA(cfg)._packed())  # kilobytes: MKL at one row
-    monkeypatch.setattr("speechllama.model.speechllama.PACK_ALL_ONE_ROW_BYTES", 1)
-    stores = SpeechLLaMA(cfg)._packed()
-    assert stores and all(q.one_row for q in stores)
+    monkeypatch.delenv(packed.PACK_ENV, raising=False)
+    model = SpeechLLaMA(preset("tiny", 64)).eval()
+    policy = model.pack_policy
+    assert {q.policy for q in model._packed()} == {policy}
+    dtype, threads = torch.float32, torch.get_num_threads()
+    with torch.inference_mode():
+        cache = model.decoder.new_cache(1, 40)
+        model.prefill(torch.randn(1, 20, 64), torch.tensor([20]), cache)
+        model.step(torch.tensor([[3, 4, 5]]), cache)
+    assert set(policy.choices) == {(dtype, threads, 32), (dtype, threads, 3)}  # 21 rows: 32
+    model.tune_packing([1, 3, 200])  # 200 rows: no measurement, MKL
+    assert set(policy.choices) == {(dtype, threads, n) for n in (1, 3, 32)}
+    assert not policy.packs(200, dtype) and policy.measured(200, dtype)
+    twin = copy.deepcopy(model)
+    shared = {q.policy for q in twin._packed()}
+    assert len(shared) == 1 and shared != {policy} and twin.pack_policy in shared
+    assert twin.pack_policy.choices == policy.choices
+    wider = expand_heads(model, HeadsConfig(kind="latent", num_heads=3))
+    assert {q.policy for q in wider._packed()} == {wider.pack_policy}
 
 
 @needs_onednn

@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             "pip install 'speechllama[serve]'"
         ) from None
     from speechllama.cli.transcribe import decoding_options, setup_torch
+    from speechllama.decoding import get_strategy
+    from speechllama.model.pack_tuning import call_sizes
     from speechllama.serve import ServeConfig, create_app
     from speechllama.transcribe import load_model
 
@@ -87,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     setup_torch(args)
     options = decoding_options(args)
     transcriber = load_model(args.model, device=args.device, precision=args.dtype)
+    # Measure the packed-weight choice of every call size now, not in the first requests.
+    lookahead = get_strategy(options).lookahead
+    transcriber.model.tune_packing(call_sizes(args.max_batch, lookahead))
     config = ServeConfig(
         model_id=args.served_name,
         max_batch=args.max_batch,

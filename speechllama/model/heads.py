@@ -88,9 +88,9 @@ class OutputHeads(nn.Module):
         n = self.active(num_heads)
         if select is not None:
             hidden = gather_positions(hidden, select)
-        # A decoder call's matmuls go through PackedLinears, whose own rule keeps small one-row
-        # fp32 products on MKL: a separate rule here once sent SmolLM2's 49152 x 576 output
-        # layer to MKL at one row (9.7 against 4.6 ms packed) and int8 one-row calls to fp32.
+        # A decoder call's matmuls go through PackedLinears and the model's one measured
+        # policy: a separate rule here once sent SmolLM2's 49152 x 576 output layer to MKL at
+        # one row (9.7 against 4.6 ms packed) and int8 one-row calls to fp32.
         return self.logits(hidden, n, decode=cache is not None)
 
     def logits(self, hidden: torch.Tensor, n: int, decode: bool = False) -> torch.Tensor:
@@ -102,8 +102,8 @@ class OutputHeads(nn.Module):
     def linear(
         self, x: torch.Tensor, name: str, weight: torch.Tensor, decode: bool
     ) -> torch.Tensor:
-        """``F.linear(x, weight)``; in a decoder call through oneDNN-packed weights (see
-        :mod:`speechllama.model.packed`), which keeps a call over several rows as cheap as one."""
+        """``F.linear(x, weight)``; in a decoder call through oneDNN-packed weights where the
+        model's measured policy finds them faster (see :mod:`speechllama.model.packed`)."""
         return self.packed.linear(x, name, (weight,)) if decode else F.linear(x, weight)
 
     def load_unembedding(self, weight: torch.Tensor) -> None:
@@ -231,6 +231,7 @@ def _with_heads(model: SpeechLLaMA, cfg: ModelConfig) -> SpeechLLaMA:
     heads.load_unembedding(weight.detach())
     new.heads = heads.to(device=weight.device, dtype=weight.dtype)
     new.heads.train(model.training)
+    new._share_pack_policy()  # the fresh heads join the model's one policy
     new.decoder_calls = 0
     return new
 

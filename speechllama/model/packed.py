@@ -1,16 +1,24 @@
-"""Linear layers of cached decoding on CPU through oneDNN's packed (blocked) weight layout.
+"""Linear layers of cached decoding on CPU, through oneDNN's packed weights where that is faster.
 
 Why: a decoder call multiplies only B·k rows (1..20 at batch 1..4, k = 1..5) by every weight
-matrix. MKL's sgemm, which ``F.linear`` uses on CPU, is about as fast as memory allows for one
-row but took ~1.4x as long for two to four rows (the 42 matmuls of the ``small`` decoder, 1
-thread, loaded 2-core AMD EPYC: 3.8 ms for one row, 5.3 ms for four), which is what made a
-k-token call cost far more than a 1-token call. With each weight reordered once into oneDNN's
-blocked layout (q|k|v and gate|up concatenated, so 4 matmuls a layer instead of 7), four rows
-cost 3.0 ms. The reorder is done with no batch-size hint, so one packed copy serves every row
-count, and its rows do not depend on how many rows there are (checked bit for bit for 1..256
-rows, fp32 and bf16, 1 and 2 threads). A single row keeps MKL unless the matrix is large or
-``one_row`` is set, which ``SpeechLLaMA`` does for large decoders and whenever OpenMP threads
-spin between regions (see :meth:`linear` and ``SpeechLLaMA._choose_packing``).
+matrix, and which kernel is fastest for so few rows depends on the CPU, the thread count and
+OpenMP's wait policy, not on the model alone. MKL's sgemm, which ``F.linear`` uses, is a fast
+gemv for one row; oneDNN's blocked ("packed") layout, with q|k|v and gate|up concatenated
+(4 matmuls a layer instead of 7), keeps a call over several rows nearly as cheap as one. Measured
+with the ``small`` decoder's matrices, 2 threads:
+
+- 2-core AMD EPYC (sessions 4-8): packing every row count made greedy 1.20x faster with
+  spinning OpenMP threads, and 15% slower with sleeping ones;
+- 2-core Intel Xeon (session 11): MKL 12-36 us against packed 26-52 us at one row, while
+  packed won from 4 rows on the larger matrices; packing every call made greedy 1.5x slower.
+
+So no fixed rule is right: :class:`PackPolicy` holds one measured choice per row-count bucket
+(and dtype and thread count) for a whole model, which ``SpeechLLaMA`` fills the first time a
+call of that size comes (``speechllama.model.pack_tuning``). ``SPEECHLLAMA_PACK=always`` or
+``never`` overrides it (reproducible bits across machines, or a comparison).
+
+Both paths compute ``F.linear`` but not bit for bit alike. The packed rows do not depend on how
+many rows there are (checked bit for bit for 1..256 rows, fp32 and bf16, 1 and 2 threads).
 
 The packed copies live beside the parameters (they double the decoder's weight memory) and are
 rebuilt whenever a weight changes (its storage or its version counter: an optimizer step,
@@ -23,6 +31,7 @@ and every row count goes through :mod:`speechllama.model.int8`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -36,12 +45,55 @@ _REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _AVAILABLE = _REORDER is not None and _LINEAR is not None and torch.backends.mkldnn.is_available()
 _DTYPES = (torch.float32, torch.bfloat16)
-PACK_ONE_ROW_FROM = 1_000_000  # weight elements from which a 1-row fp32 call packs too
-# Decoder weight bytes from which every 1-row fp32 call packs (``PackedLinears.one_row``): the
-# weights then stream from memory at every call, where oneDNN's kernel beats MKL's gemv. Between
-# the two models measured: ``small`` (38 MB, MKL faster) and SmolLM2 (540 MB: its 1-token call
-# 39.0 -> 34.3 ms, 2 threads, session 5).
-PACK_ALL_ONE_ROW_BYTES = 128 * 2**20
+PACK_ENV = "SPEECHLLAMA_PACK"
+PACK_MODES = ("auto", "always", "never")
+# Calls over this many rows (prefills) are not measured and take MKL: from 64 rows on the two
+# kernels were within 10% of each other for every matrix of `small` (2 threads, Intel Xeon,
+# session 11), while timing a 256-row call both ways cost 0.6 s.
+MEASURED_ROWS = 64
+
+
+def packing_available() -> bool:
+    """Whether this torch has oneDNN's packed linear (CPU builds with mkldnn)."""
+    return _AVAILABLE
+
+
+def row_bucket(rows: int) -> int:
+    """The bucket whose measured choice a call of ``rows`` rows (B·k, at most
+    ``MEASURED_ROWS``) follows: exact up to 16 (batch-1 steps), then 32 and 64."""
+    return rows if rows <= 16 else 32 if rows <= 32 else 64
+
+
+class PackPolicy:
+    """Whether a decoder call of a given size runs on packed weights; one per model, shared by
+    all its :class:`PackedLinears`.
+
+    ``mode``: "auto" (the measured choice of :attr:`choices` up to ``MEASURED_ROWS`` rows, MKL
+    beyond; an unmeasured size packs from two rows on), "always" or "never"; by default from
+    ``SPEECHLLAMA_PACK``, else "auto".
+    ``choices`` maps (dtype, threads, bucket) to the measured choice."""
+
+    def __init__(self, mode: str | None = None) -> None:
+        mode = (mode or os.environ.get(PACK_ENV) or "auto").lower()
+        if mode not in PACK_MODES:
+            raise ValueError(f"{PACK_ENV}={mode!r}: expected one of {', '.join(PACK_MODES)}")
+        self.mode = mode
+        self.choices: dict[tuple[torch.dtype, int, int], bool] = {}
+
+    @staticmethod
+    def key(rows: int, dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
+        return dtype, torch.get_num_threads(), row_bucket(rows)
+
+    def measured(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether a call of ``rows`` rows needs no measurement (any more)."""
+        return self.mode != "auto" or rows > MEASURED_ROWS or self.key(rows, dtype) in self.choices
+
+    def packs(self, rows: int, dtype: torch.dtype) -> bool:
+        if self.mode != "auto":
+            return self.mode == "always"
+        if rows > MEASURED_ROWS:
+            return False
+        return self.choices.get(self.key(rows, dtype), rows > 1)
 
 
 def _version(w: torch.Tensor) -> int:
@@ -55,13 +107,14 @@ class PackedLinears:
     """Per-module store of packed (and, for several matrices, concatenated) weights.
 
     ``linear(x, name, weights)`` = ``F.linear(x, cat(weights))`` (B, T, sum of out features):
-    several matrices reading the same input (q|k|v, gate|up) become one matmul. ``int8``: run
-    those matmuls on int8 copies of the weights (an approximation, see ``model.int8``)."""
+    several matrices reading the same input (q|k|v, gate|up) become one matmul, on packed
+    weights where ``policy`` says so. ``int8``: run those matmuls on int8 copies of the weights
+    (an approximation, see ``model.int8``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: PackPolicy | None = None) -> None:
         self._store: dict[str, tuple[tuple, Any]] = {}
         self.int8 = False
-        self.one_row = False  # pack 1-row calls of every size (see PACK_ALL_ONE_ROW_BYTES)
+        self.policy = policy or PackPolicy()
 
     def _get(
         self, name: str, weights: tuple[torch.Tensor, ...], build: Callable[[torch.Tensor], Any]
@@ -82,26 +135,14 @@ class PackedLinears:
         if self.int8 and int8_usable(x, w0):
             w8, scale = self._get(name, weights, quantize_weight)
             return int8_linear(x, w8, scale)
-        # One fp32 row (a 1-token call at batch 1) keeps MKL's gemv unless ``one_row``: the
-        # packed kernel was 0.6 ms slower per 1-token call of ``small`` (1 thread, one model
-        # per process: 6.2-6.5 against 5.6-5.7 ms in three runs, under PASSIVE waits). bf16
-        # packs at every row count: 4.3 ms against 5.7 per 1-token call, where ATen's bf16 gemv
-        # is no faster than fp32.
-        # Large matrices pack at one row too: oneDNN beat MKL's gemv from about 1M elements
-        # (session 4, 2 threads, one row: SmolLM2's 3072 x 576 gate|up 89 against 152 us, its
-        # 49152 x 576 output layer 4.6 against 9.7 ms), while every matrix of ``small`` is below
-        # that and stays on MKL under PASSIVE waits (packing them all made its greedy 15% slower
-        # end to end then; 1.20x faster with spinning threads, session 8).
-        single = (
-            x.numel() == x.shape[-1]
-            and x.dtype == torch.float32
-            and not self.one_row
-            and sum(w.numel() for w in weights) < PACK_ONE_ROW_FROM
-        )
-        if single or not usable(x, w0):  # one matmul per matrix, bitwise the modules' own
+        rows = x.numel() // x.shape[-1]
+        if not usable(x, w0):  # one matmul per matrix, bitwise the modules' own
             if len(weights) == 1:
                 return F.linear(x, w0)
             return torch.cat([F.linear(x, w) for w in weights], dim=-1)
+        if not self.policy.packs(rows, x.dtype):  # MKL, on the matrices concatenated once
+            w = w0 if len(weights) == 1 else self._get(name + ":mkl", weights, lambda w: w)
+            return F.linear(x, w)
         packed = self._get(name, weights, lambda w: _REORDER(w, None))
         out = _LINEAR(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -110,12 +151,22 @@ class PackedLinears:
         self._store.clear()
 
     def __deepcopy__(self, memo: dict) -> PackedLinears:
-        copy = PackedLinears()  # a copy's weights live elsewhere: it packs its own
-        copy.int8, copy.one_row = self.int8, self.one_row
+        # A copy's weights live elsewhere: it packs its own. The memo makes the stores of one
+        # deep-copied model share one copy of their policy, as the original's do.
+        copy = PackedLinears(_deepcopy_policy(self.policy, memo))
+        copy.int8 = self.int8
         return copy
 
     def __getstate__(self) -> dict:
-        return {"_store": {}, "int8": self.int8, "one_row": self.one_row}
+        return {"_store": {}, "int8": self.int8, "policy": self.policy}
+
+
+def _deepcopy_policy(policy: PackPolicy, memo: dict) -> PackPolicy:
+    hit = memo.get(id(policy))
+    if hit is None:
+        hit = memo[id(policy)] = PackPolicy(policy.mode)
+        hit.choices = dict(policy.choices)
+    return hit
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ Decoding meets the model only at ``prefill`` and ``step``, which both count deco
 from __future__ import annotations
 
 import dataclasses
-import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from speechllama.model.config import ModelConfig
 from speechllama.model.decoder import KVCache, LlamaDecoder
 from speechllama.model.heads import build_heads
 from speechllama.model.hf_llama import hf_decoder_config, load_hf_llama
-from speechllama.model.packed import PACK_ALL_ONE_ROW_BYTES, PackedLinears
+from speechllama.model.packed import PackedLinears, PackPolicy, packing_available
 
 # Decoder fields a pretrained LLM fixes; dropout and max_seq_len stay the run's choice.
 _STRUCTURAL = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -51,7 +51,9 @@ class SpeechLLaMA(nn.Module):
         self.heads = build_heads(config, self.decoder.embed)
         self.ctc_head = build_ctc_head(config, d_enc)
         self.decoder_calls = 0  # incremented by prefill() and step(): strategies cannot forget
-        self._choose_packing()
+        self.pack_policy = PackPolicy()
+        self._decoder_int8 = False
+        self._share_pack_policy()
 
     # --- audio -> embeddings ----------------------------------------------------------------
 
@@ -150,6 +152,7 @@ class SpeechLLaMA(nn.Module):
         bos_at = audio_lens[:, None, None].expand(B, 1, d)
         x = x.scatter(1, bos_at, self.decoder.embed(bos).to(x.dtype))
         cache.reset()
+        self._measure_packing(B * width)
         slots = torch.arange(width, device=audio.device).expand(B, width)
         hidden = self.decoder.forward_cached(x, cache, slots)
         logits = self.heads(hidden, num_heads, select=audio_lens[:, None], cache=cache, slots=slots)
@@ -176,6 +179,7 @@ class SpeechLLaMA(nn.Module):
         compact an accepted path. Counts one decoder call."""
         _check_batch(tokens.shape[0], cache)
         k = tokens.shape[1]
+        self._measure_packing(tokens.numel())
         slots = cache.lengths[:, None] + torch.arange(k, device=tokens.device)
         positions = None
         if tree_mask is not None:
@@ -194,7 +198,6 @@ class SpeechLLaMA(nn.Module):
         embeddings are cast on entry and logits come out in fp32."""
         self.decoder.to(dtype)
         self.heads.to(dtype)
-        self._choose_packing()
         return self
 
     def _packed(self) -> list[PackedLinears]:
@@ -204,18 +207,31 @@ class SpeechLLaMA(nn.Module):
         )
         return [p for p in found if isinstance(p, PackedLinears)]
 
-    def _choose_packing(self) -> None:
-        """One-row calls pack every matrix when the decoder's weights are too large to stay
-        in cache between calls (``packed.PACK_ALL_ONE_ROW_BYTES``), or when OpenMP threads do
-        not sleep between parallel regions (``OMP_WAIT_POLICY`` other than PASSIVE, what the
-        decoding commands run with). MKL's gemv won for `small` only under PASSIVE (session 6:
-        packing all made greedy 15% slower); without it, packing all made `small`'s greedy
-        1.20x faster (real-smoke, batch 1, 2 threads: 9.81 -> 8.19 s, session 8)."""
-        params = {id(p): p for p in [*self.decoder.parameters(), *self.heads.parameters()]}
-        nbytes = sum(p.numel() * p.element_size() for p in params.values())
-        spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+    def _share_pack_policy(self) -> None:
+        """Give every packed-weight store of the decoder and heads this model's one policy."""
         for packed in self._packed():
-            packed.one_row = nbytes >= PACK_ALL_ONE_ROW_BYTES or spinning
+            packed.policy = self.pack_policy
+
+    def tune_packing(self, rows: Iterable[int] = (1,)) -> None:
+        """Measure now, for each call size in ``rows`` (B·k new tokens) not measured yet,
+        whether packed weights are faster (``speechllama.model.pack_tuning``); otherwise the
+        first call of each size measures it. Calls over ``MEASURED_ROWS`` rows (prefills) are
+        not measured."""
+        for n in rows:
+            self._measure_packing(n)
+
+    def _measure_packing(self, rows: int) -> None:
+        policy, weight = self.pack_policy, self.decoder.embed.weight
+        if (
+            policy.measured(rows, weight.dtype)
+            or self._decoder_int8
+            or weight.device.type != "cpu"
+            or not packing_available()
+        ):
+            return
+        from speechllama.model.pack_tuning import measure_packing
+
+        measure_packing(self, policy, rows)
 
     def set_decoder_int8(self, enabled: bool = True) -> SpeechLLaMA:
         """Run the decoder's and heads' matmuls in decoder calls (prefill and step) on int8
@@ -226,6 +242,7 @@ class SpeechLLaMA(nn.Module):
         Training and teacher-forced passes are unaffected."""
         for packed in self._packed():
             packed.int8 = enabled
+        self._decoder_int8 = enabled
         return self
 
     def set_decode_precision(self, name: str) -> SpeechLLaMA:
