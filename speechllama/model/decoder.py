@@ -53,11 +53,25 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, G, T, D) of one layer at per-sequence slots (B, T)."""
-        index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        index: torch.Tensor | None = None,
+    ) -> None:
+        """Store k, v (B, G, T, D) of one layer at per-sequence slots (B, T). ``index``: the
+        scatter index (:meth:`write_index`) when the caller built it once for every layer."""
+        if index is None:
+            index = self.write_index(slots)
         self.k[layer].scatter_(2, index, _as(k, self.k.dtype))
         self.v[layer].scatter_(2, index, _as(v, self.v.dtype))
+
+    def write_index(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (B, T) -> the (B, G, T, D) scatter index of :meth:`write`."""
+        _, _, G, _, D = self.k.shape
+        return slots[:, None, :, None].expand(-1, G, -1, D)
 
     def read(self, layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, G, width, D) of the first ``width`` slots: attending over only the
@@ -169,6 +183,15 @@ def rope_tables(
     return _as(cos[positions], dtype), _as(sin[positions], dtype)
 
 
+def cached_rope(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_tables` shaped (B, T, 1, D) for a cached call's (B, T, heads, D) layout,
+    built once per call rather than once per layer."""
+    cos, sin = rope_tables(positions, head_dim, theta, dtype)
+    return cos[:, :, None], sin[:, :, None]
+
+
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x.to(dtype)`` without the dispatch when it is already ``dtype`` (about 2 us a call, and
     a decoder call has dozens of them)."""
@@ -191,21 +214,26 @@ class CallMask:
     ``width`` W: the attended cache prefix. ``bias`` (B, 1, r·T, W) additive float (0 visible,
     -inf hidden) with each token's row repeated for the r = H / G query heads that share a
     key/value head (grouped-query layout, see :meth:`Attention._cached`), or None when every
-    token sees all W slots (one new token, no ragged batch), which SDPA then skips."""
+    token sees all W slots (one new token, no ragged batch), which SDPA then skips.
+    ``write_index``: the call's cache scatter index (``KVCache.write_index``), also built once
+    for all layers when set."""
 
     width: int
     bias: torch.Tensor | None
+    write_index: torch.Tensor | None = None
 
 
-def call_mask(visible: torch.Tensor, group: int, dtype: torch.dtype) -> CallMask:
+def call_mask(
+    visible: torch.Tensor, group: int, dtype: torch.dtype, write_index: torch.Tensor | None = None
+) -> CallMask:
     """visible (B, T, W) bool (from :func:`cached_attention_mask`) -> :class:`CallMask` for
     query heads in groups of ``group`` per key/value head."""
     B, T, W = visible.shape
     if bool(visible.all()):
-        return CallMask(W, None)
+        return CallMask(W, None, write_index)
     bias = torch.zeros(B, 1, 1, T, W, dtype=dtype, device=visible.device)
     bias.masked_fill_(~visible[:, None, None], float("-inf"))
-    return CallMask(W, bias.expand(B, 1, group, T, W).reshape(B, 1, group * T, W))
+    return CallMask(W, bias.expand(B, 1, group, T, W).reshape(B, 1, group * T, W), write_index)
 
 
 class Attention(nn.Module):
@@ -266,8 +294,9 @@ class Attention(nn.Module):
             mask = call_mask(mask, r, x.dtype)
         weights = (self.wq.weight, self.wk.weight, self.wv.weight)
         qkv = self.packed.linear(x, "qkv", weights).reshape(B, T, H + 2 * G, D)
-        qk = _apply_rope(qkv[:, :, : H + G], rope[0][:, :, None], rope[1][:, :, None])
-        cache.write(layer, slots, qk[:, :, H:].transpose(1, 2), qkv[:, :, H + G :].transpose(1, 2))
+        qk = _apply_rope(qkv[:, :, : H + G], *rope)  # rope tables (B, T, 1, D)
+        k_new, v_new = qk[:, :, H:].transpose(1, 2), qkv[:, :, H + G :].transpose(1, 2)
+        cache.write(layer, slots, k_new, v_new, mask.write_index)
         k, v = cache.read(layer, mask.width)
         q = qk[:, :, :H].transpose(1, 2).reshape(B, G, r * T, D)
         p = self.dropout if self.training else 0.0
@@ -310,6 +339,10 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], **cached
     ) -> torch.Tensor:
+        """``rope``: cos, signed sin (B, T, D); (B, T, 1, D) with a cache (:func:`cached_rope`)."""
+        if not self.training:  # dropout is the identity: skip its dispatch (decoder calls)
+            x = x + self.attn(self.attn_norm(x), rope, **cached)
+            return x + self.mlp(self.mlp_norm(x), cached=bool(cached))
         x = x + self.drop(self.attn(self.attn_norm(x), rope, **cached))
         return x + self.drop(self.mlp(self.mlp_norm(x), cached=bool(cached)))
 
@@ -423,13 +456,14 @@ class LlamaDecoder(nn.Module):
             )
         c = self.cfg
         B, k = slots.shape
+        index = cache.write_index(slots)
         if tree_mask is None and B == k == 1 and top_slot == top_len + 1:
-            mask = CallMask(top_slot, None)  # one token right after its history: sees all of it
+            mask = CallMask(top_slot, None, index)  # one token right after its history: sees all
         else:
             visible = cached_attention_mask(cache.lengths, slots, tree_mask, max(top_len, top_slot))
-            mask = call_mask(visible, c.n_heads // c.n_kv_heads, x.dtype)
+            mask = call_mask(visible, c.n_heads // c.n_kv_heads, x.dtype, index)
         cos, sin = _rope_cache(top_pos, c.head_dim, c.rope_theta, x.device)
-        rope = _as(cos[positions], x.dtype), _as(sin[positions], x.dtype)
+        rope = _as(cos[positions], x.dtype)[:, :, None], _as(sin[positions], x.dtype)[:, :, None]
         for i, block in enumerate(self.layers):
             x = block(x, rope, cache=cache, layer=i, slots=slots, mask=mask)
         return self.norm(x)

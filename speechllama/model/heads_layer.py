@@ -30,6 +30,7 @@ from speechllama.model.decoder import (
     Block,
     KVCache,
     cached_attention_mask,
+    cached_rope,
     call_mask,
     rope_tables,
 )
@@ -92,9 +93,10 @@ class LayerHeads(OutputHeads):
                     f"heads need {self.first_layer + n - 1}: build it with model.new_cache"
                 )
             at = slots if positions is None else positions
-            rope = rope_tables(at, self.head_dim, self.rope_theta, hidden.dtype)
+            rope = cached_rope(at, self.head_dim, self.rope_theta, hidden.dtype)
             visible = cached_attention_mask(cache.lengths, slots, tree_mask)
-            mask = call_mask(visible, self.group, hidden.dtype)  # once for all the blocks
+            index = cache.write_index(slots)
+            mask = call_mask(visible, self.group, hidden.dtype, index)  # once for all the blocks
             outputs = [
                 block(hidden, rope, cache=cache, layer=self.first_layer + j, slots=slots,
                       mask=mask)

@@ -141,8 +141,9 @@ class PackedLinears:
                 return F.linear(x, w0)
             return torch.cat([F.linear(x, w) for w in weights], dim=-1)
         if not self.policy.packs(rows, x.dtype):  # MKL, on the matrices concatenated once
-            w = w0 if len(weights) == 1 else self._get(name + ":mkl", weights, lambda w: w)
-            return F.linear(x, w)
+            # x @ w.t() is what F.linear runs here, minus its own two dispatches (linear, t)
+            w_t = self._get(name + ":mkl", weights, lambda w: w.t())
+            return torch.matmul(x, w_t)
         packed = self._get(name, weights, lambda w: _REORDER(w, None))
         out = _LINEAR(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
