@@ -204,9 +204,10 @@ def run_bench(
             ids.append(utt.audio_filepath)
         if not waves:
             raise ValueError("no utterance could be loaded: " + "; ".join(errors[:3]))
-        room = 2 + max(r.lookahead for r in runners.values())
+        lookahead = max(r.lookahead for r in runners.values())
+        room = 2 + lookahead
         # the packed-weight choice of every call size, measured before anything is timed
-        model.tune_packing(call_sizes(options.batch_size, room))
+        model.tune_packing(call_sizes(options.batch_size, lookahead))
         batches, enc_seconds, too_long = encode_all(transcriber, waves, options, room, repeats)
         errors += [f"{ids[i]}: {msg}" for i, msg in sorted(too_long.items())]
         if not batches:

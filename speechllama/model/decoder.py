@@ -171,24 +171,34 @@ def _rope_cache(
 
 
 def rope_tables(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    dtype: torch.dtype,
+    length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, signed sin (B, T, D) for rope positions (B, T), in the "halves" layout of HF
     LLaMA (the sin's first half negated, as :func:`_apply_rope` takes it).
 
     Looked up in float32 tables kept outside the module (not buffers), so that
-    ``model.to(bfloat16)`` cannot silently lower the frequencies' precision."""
-    length = int(positions.max()) + 1 if positions.numel() else 0
+    ``model.to(bfloat16)`` cannot silently lower the frequencies' precision. ``length``: more
+    than the largest position, when the caller already read it back (saves a host sync)."""
+    if length is None:
+        length = int(positions.max()) + 1 if positions.numel() else 0
     cos, sin = _rope_cache(length, head_dim, theta, positions.device)
     return _as(cos[positions], dtype), _as(sin[positions], dtype)
 
 
 def cached_rope(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    dtype: torch.dtype,
+    length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rope_tables` shaped (B, T, 1, D) for a cached call's (B, T, heads, D) layout,
     built once per call rather than once per layer."""
-    cos, sin = rope_tables(positions, head_dim, theta, dtype)
+    cos, sin = rope_tables(positions, head_dim, theta, dtype, length)
     return cos[:, :, None], sin[:, :, None]
 
 
@@ -462,8 +472,7 @@ class LlamaDecoder(nn.Module):
         else:
             visible = cached_attention_mask(cache.lengths, slots, tree_mask, max(top_len, top_slot))
             mask = call_mask(visible, c.n_heads // c.n_kv_heads, x.dtype, index)
-        cos, sin = _rope_cache(top_pos, c.head_dim, c.rope_theta, x.device)
-        rope = _as(cos[positions], x.dtype)[:, :, None], _as(sin[positions], x.dtype)[:, :, None]
+        rope = cached_rope(positions, c.head_dim, c.rope_theta, x.dtype, top_pos)
         for i, block in enumerate(self.layers):
             x = block(x, rope, cache=cache, layer=i, slots=slots, mask=mask)
         return self.norm(x)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from speechllama.model.packed import MEASURED_ROWS, PackPolicy, row_bucket
+from speechllama.model.packed import MEASURED_ROWS, row_bucket
 
 if TYPE_CHECKING:
     from speechllama.model.speechllama import SpeechLLaMA
@@ -62,9 +62,10 @@ def _round(call, n: int) -> float:
 
 
 @torch.no_grad()
-def measure_packing(model: SpeechLLaMA, policy: PackPolicy, rows: int) -> bool:
+def measure_packing(model: SpeechLLaMA, rows: int) -> bool:
     """Time a call of ``rows`` rows' bucket with and without packed weights, record the choice
-    in ``policy.choices`` and return it (True: packed)."""
+    in ``model.pack_policy.choices`` and return it (True: packed)."""
+    policy = model.pack_policy
     dtype = model.decoder.embed.weight.dtype
     key = policy.key(rows, dtype)
     call = _scratch_call(model, row_bucket(rows), dtype)

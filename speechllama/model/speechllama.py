@@ -52,7 +52,6 @@ class SpeechLLaMA(nn.Module):
         self.ctc_head = build_ctc_head(config, d_enc)
         self.decoder_calls = 0  # incremented by prefill() and step(): strategies cannot forget
         self.pack_policy = PackPolicy()
-        self._decoder_int8 = False
         self._share_pack_policy()
 
     # --- audio -> embeddings ----------------------------------------------------------------
@@ -224,14 +223,14 @@ class SpeechLLaMA(nn.Module):
         policy, weight = self.pack_policy, self.decoder.embed.weight
         if (
             policy.measured(rows, weight.dtype)
-            or self._decoder_int8
+            or self.heads.packed.int8  # int8 matmuls do not consult the policy
             or weight.device.type != "cpu"
             or not packing_available()
         ):
             return
         from speechllama.model.pack_tuning import measure_packing
 
-        measure_packing(self, policy, rows)
+        measure_packing(self, rows)
 
     def set_decoder_int8(self, enabled: bool = True) -> SpeechLLaMA:
         """Run the decoder's and heads' matmuls in decoder calls (prefill and step) on int8
@@ -242,7 +241,6 @@ class SpeechLLaMA(nn.Module):
         Training and teacher-forced passes are unaffected."""
         for packed in self._packed():
             packed.int8 = enabled
-        self._decoder_int8 = enabled
         return self
 
     def set_decode_precision(self, name: str) -> SpeechLLaMA:
