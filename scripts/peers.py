@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device for --model (default: cpu)")
     p.add_argument("--dtype", choices=DECODE_PRECISIONS, default="float32",
                    help="--model's decoder precision (default: float32)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="--model: decoder calls through torch.compile")  # fmt: skip
     p.add_argument(
         "--threads",
         type=int,

@@ -237,6 +237,7 @@ def run_bench(
         "encoder_seconds": rows[0]["encoder_seconds"],
         "heads": options.num_heads or model.config.heads.num_heads,
         "precision": transcriber.meta.get("decode_precision", "float32"),
+        "compiled": model.compiled is not None,
     }  # fmt: skip
     if any(not isinstance(r, StrategyRunner) for r in runners.values()):
         from speechllama.bench_hf import transformers_version
@@ -256,7 +257,11 @@ def _timed(
     strategies are never excused."""
     for name in list(runners):
         try:
+            t0 = time.perf_counter()
             runners[name].run(batches[0].first())
+            if getattr(runners[name], "compiled", None) is not None:  # what a user waits once
+                warm = time.perf_counter() - t0
+                notes.append(f"{name}: warm-up (compiling its decoder calls) took {warm:.1f} s")
         except (ValueError, TypeError, NotImplementedError) as err:
             if isinstance(runners[name], StrategyRunner):
                 raise
@@ -321,6 +326,7 @@ def _rows(
 def format_table(report: BenchReport) -> str:
     """The header (machine, threads, versions), one line per method, then the notes."""
     h = report.header
+    w = max([20, *(len(r["method"]) for r in report.rows)])
     lines = [
         f"torch {h['torch']}"
         + (f", transformers {h['transformers']}" if h.get("transformers") else "")
@@ -333,12 +339,12 @@ def format_table(report: BenchReport) -> str:
         f"encoder (features + encoder + adapter) {h['encoder_seconds']:.3f} s, RTF "
         f"{h['encoder_seconds'] / h['audio_seconds']:.4f}; its embeddings are shared by all",
         "",
-        f"{'method':<20} {'WER':>7} {'calls/utt':>9} {'tok/call':>8} {'decoder s':>9} "
+        f"{'method':<{w}} {'WER':>7} {'calls/utt':>9} {'tok/call':>8} {'decoder s':>9} "
         f"{'speed-up':>8} {'RTF':>7} {'=greedy':>7} {'batch':>5}",
     ]
     for r in report.rows:
         lines.append(
-            f"{r['method']:<20} {100 * r['wer']:6.2f}% {r['calls_per_utt']:9.2f} "
+            f"{r['method']:<{w}} {100 * r['wer']:6.2f}% {r['calls_per_utt']:9.2f} "
             f"{r['tokens_per_call']:8.2f} {r['decoder_seconds']:9.3f} {r['speedup']:7.2f}x "
             f"{r['rtf']:7.4f} {100 * r['identical_to_greedy']:6.0f}% {r['batch_size']:5d}"
         )

@@ -2,7 +2,8 @@
 shared audio embeddings with them.
 
 Methods are named ``family`` or ``family@ARG`` (``threshold@0.8``, ``verify-topk@3``,
-``tree@3-2-1``, ``beam@4``, ``prefix-beam@4``, ``prefix-beam-rescored@4``); each family is one
+``tree@3-2-1``, ``beam@4``, ``prefix-beam@4``, ``prefix-beam-rescored@4``), with ``+compiled``
+after any of our own for the same strategy on compiled decoder calls; each family is one
 ``@register_method`` parser, so adding one is one function here and nothing else. A method
 whose strategy is not installed, that needs K > 1 heads on a K = 1 model, or whose peer library
 is missing is skipped with a note (:func:`build_runners`). Greedy always runs: it is the reference.
@@ -22,6 +23,7 @@ from speechllama.decoding import DecodingOptions, available_strategies, get_stra
 from speechllama.decoding.base import decode
 
 if TYPE_CHECKING:
+    from speechllama.model.compiled import CompiledCalls
     from speechllama.transcribe import Transcriber
 
 DEFAULT_METHODS = (
@@ -30,17 +32,24 @@ DEFAULT_METHODS = (
 )
 
 
+# Method name suffix: the same strategy with compiled decoder calls (speechllama.model.compiled).
+COMPILED = "+compiled"
+
+
 @dataclass(frozen=True)
 class Method:
     """One row of the table. ``family`` "strategy" decodes with ``get_strategy(options)``;
     "hf" runs ``transformers``' ``generate()`` (``prompt_lookup``: its
-    ``prompt_lookup_num_tokens``). ``multi_token`` methods need a model with K > 1 heads."""
+    ``prompt_lookup_num_tokens``). ``multi_token`` methods need a model with K > 1 heads.
+    ``compiled``: our strategy with decoder calls through ``torch.compile`` (name suffix
+    ``+compiled``), so eager and compiled calls are timed in one run."""
 
     name: str
     family: str
     options: DecodingOptions
     multi_token: bool = False
     prompt_lookup: int | None = None
+    compiled: bool = False
 
 
 MethodParser = Callable[[str | None, DecodingOptions], Method]
@@ -167,10 +176,15 @@ def parse_methods(spec: str | Sequence[str], base: DecodingOptions) -> list[Meth
     for raw in (n.strip() for n in names):
         if not raw:
             continue
-        family, _, arg = raw.partition("@")
+        plain = raw.removesuffix(COMPILED)
+        family, _, arg = plain.partition("@")
         if family not in METHODS:
             raise ValueError(f"unknown method {raw!r}; choose from {', '.join(METHODS)}")
-        method = METHODS[family][0](arg if "@" in raw else None, base)
+        method = METHODS[family][0](arg if "@" in plain else None, base)
+        if plain != raw:
+            if method.family != "strategy":
+                raise ValueError(f"method {raw!r}: only our own strategies compile")
+            method = dataclasses.replace(method, name=method.name + COMPILED, compiled=True)
         methods.setdefault(method.name, method)
     greedy = methods.pop("greedy", None) or _greedy(None, base)
     return [greedy, *methods.values()]
@@ -223,23 +237,38 @@ class StrategyRunner:
     cache allocation: what a user pays). ``decode`` reads the tokens back after every call, so
     the time is complete on a GPU too."""
 
-    def __init__(self, transcriber: Transcriber, options: DecodingOptions) -> None:
+    def __init__(
+        self,
+        transcriber: Transcriber,
+        options: DecodingOptions,
+        compiled: CompiledCalls | None = None,
+    ) -> None:
         self.model = transcriber.model
         self.strategy = get_strategy(options)
         self.batch_size = options.batch_size
         self.lookahead = self.strategy.lookahead
+        self.compiled = compiled if compiled is not None else self.model.compiled
 
     def run(self, batch: EncodedBatch) -> tuple[list[Output], float]:
         cfg = self.model.config
-        t0 = time.perf_counter()
-        decoded = decode(self.model, self.strategy, batch.audio, batch.lens, batch.durations,
-                         eos_id=cfg.eos_id, pad_id=cfg.pad_id,
-                         max_seq_len=cfg.decoder.max_seq_len)  # fmt: skip
-        seconds = time.perf_counter() - t0
+        before, self.model.compiled = self.model.compiled, self.compiled
+        try:
+            t0 = time.perf_counter()
+            decoded = decode(self.model, self.strategy, batch.audio, batch.lens,
+                             batch.durations, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
+                             max_seq_len=cfg.decoder.max_seq_len)  # fmt: skip
+            seconds = time.perf_counter() - t0
+        finally:
+            self.model.compiled = before
         return [Output(d.tokens, d.decoder_calls) for d in decoded], seconds
 
 
 def _skip_reason(method: Method, heads: int) -> str | None:
+    if method.compiled:
+        from speechllama.model.compiled import compile_available
+
+        if (why := compile_available()) is not None:
+            return why
     if method.family == "strategy":
         if method.options.strategy not in available_strategies():
             return f"strategy {method.options.strategy!r} is not installed"
@@ -258,6 +287,7 @@ def build_runners(
     runners: dict[str, Runner] = {}
     skipped: dict[str, list[str]] = {}  # reason -> methods, so the notes stay short
     peer: HFPeer | None = None
+    compiled: CompiledCalls | None = None  # one set of graphs for every +compiled method
     for method in methods:
         heads = method.options.num_heads or model.config.heads.num_heads
         reason = _skip_reason(method, heads)
@@ -265,6 +295,12 @@ def build_runners(
             if reason is None and method.family == "hf":
                 peer = peer if peer is not None else HFPeer(model)
                 runners[method.name] = HFRunner(peer, method.prompt_lookup)
+            elif reason is None and method.compiled:
+                if compiled is None:
+                    from speechllama.model.compiled import CompiledCalls
+
+                    compiled = model.compiled or CompiledCalls()
+                runners[method.name] = StrategyRunner(transcriber, method.options, compiled)
             elif reason is None:
                 runners[method.name] = StrategyRunner(transcriber, method.options)
         except HFPeerError as err:

@@ -322,10 +322,12 @@ def measure(
     if with_model:
         from speechllama.transcribe import load_model
 
-        model = load_model(args.model, device=args.device, precision=args.dtype)
+        model = load_model(args.model, device=args.device, precision=args.dtype,
+                           compile=args.compile)  # fmt: skip
         where = Path(args.model)
         name = f"speechllama {where.parent.name}/{where.name}" if where.is_dir() else None
         name = (name or "speechllama") + ("" if args.dtype == "float32" else f" {args.dtype}")
+        name += " compiled" if args.compile else ""
         # Batched rows are throughput, not latency: the table must say which it is.
         name += f" batch {args.batch_size}" if args.batch_size != 1 else ""
         systems.insert(0, OurModel(model, decoding_options(args), name))

@@ -400,6 +400,7 @@ def load_model(
     device: str = "cpu",
     merge_lora: bool = True,
     precision: str = "float32",
+    compile: bool = False,
 ) -> Transcriber:
     """Load a checkpoint directory (config.json + model.safetensors + tokenizer.model) or a
     bundled model by name (None or ``"default"``: the default model). A sourced preset name
@@ -408,7 +409,8 @@ def load_model(
     LoRA deltas into the decoder (faster calls; False keeps them apart, e.g. to count them).
     ``precision``: the decoder's at decode time, "float32", "bfloat16" or "int8" (see
     ``SpeechLLaMA.set_decode_precision``); other than float32 it is recorded in ``meta``, so
-    a resumed evaluation never mixes hypotheses of two precisions."""
+    a resumed evaluation never mixes hypotheses of two precisions. ``compile``: decoder calls
+    through ``torch.compile`` (``SpeechLLaMA.compile_calls``; float32 or bfloat16)."""
     from speechllama.checkpoint import load_checkpoint
     from speechllama.model.config import SOURCED_PRESETS
 
@@ -424,6 +426,8 @@ def load_model(
     else:
         model, tokenizer, meta = load_checkpoint(path, device=device, merge_lora=merge_lora)
     model.set_decode_precision(precision)
+    if compile:
+        model.compile_calls()
     if precision != "float32":
         meta = {**meta, "decode_precision": precision}
     return Transcriber(model, tokenizer, meta)

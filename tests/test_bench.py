@@ -102,7 +102,14 @@ def test_parse_methods():
     assert lookup.family == "hf" and lookup.prompt_lookup == 3 and lookup.options.batch_size == 1
     assert all(m.options.batch_size == 4 for m in got[:4])
     assert [m.name for m in parse_methods("verify-exact", base)] == ["greedy", "verify-exact"]
-    for bad in ("nope", "threshold", "threshold@x", "threshold@1.5", "greedy@2", "tree@3-0"):
+    both = parse_methods("greedy+compiled,verify-exact+compiled,verify-exact", base)
+    assert [(m.name, m.compiled) for m in both] == [
+        ("greedy", False), ("greedy+compiled", True), ("verify-exact+compiled", True),
+        ("verify-exact", False)]  # fmt: skip
+    assert both[2].options == both[3].options
+    bad_ones = ("nope", "threshold", "threshold@x", "threshold@1.5", "greedy@2", "tree@3-0",
+                "hf-generate+compiled", "nope+compiled")  # fmt: skip
+    for bad in bad_ones:
         with pytest.raises(ValueError, match="method"):
             parse_methods(bad, base)
 

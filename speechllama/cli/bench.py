@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="decoder and heads weights at decode time; bfloat16 halves the bytes a "
                         "call reads (CPUs with avx512_bf16), int8 quarters them (int8 weights "
                         "and per-row int8 activations, CPU)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="every method's decoder calls through torch.compile, compiled in the "
+                        "warm-up; or +compiled on one method (greedy+compiled)")  # fmt: skip
     p.add_argument("--max-tokens-per-second", type=float, metavar="R",
                    help="transcript length limit per second of audio (default: 12)")  # fmt: skip
     p.add_argument("--json", type=Path, metavar="FILE", help="write the rows as a JSON list")
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     utts = load_manifest(args.manifest, check_audio=False)
     if args.limit is not None:
         utts = utts[: args.limit]
-    model = load_model(args.model, device=args.device, precision=args.dtype)
+    model = load_model(args.model, device=args.device, precision=args.dtype, compile=args.compile)
     report = run_bench(model, utts, methods, options, repeats=args.repeats)
     for error in report.errors:
         print(f"{_PROG}: error: {error}", file=sys.stderr)

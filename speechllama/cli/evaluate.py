@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     utts = _utterances(args)
     if utts is None:
         return 1
-    model = load_model(args.model, device=rank_device(args.device), precision=args.dtype)
+    model = load_model(args.model, device=rank_device(args.device), precision=args.dtype,
+                       compile=args.compile)  # fmt: skip
 
     def report(_index: int, result) -> None:
         if result.error is not None:

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-wait-ms must be >= 0, --max-upload-mb and --max-audio-s > 0")
     setup_torch(args)
     options = decoding_options(args)
-    transcriber = load_model(args.model, device=args.device, precision=args.dtype)
+    transcriber = load_model(args.model, device=args.device, precision=args.dtype,
+                             compile=args.compile)  # fmt: skip
     # Measure the packed-weight choice of every call size now, not in the first requests.
     lookahead = get_strategy(options).lookahead
     transcriber.model.tune_packing(call_sizes(args.max_batch, lookahead))

@@ -40,6 +40,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "activations, CPU); both approximate the trained fp32 model (default: float32)",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decoder calls through torch.compile: faster calls after a one-off compile of "
+        "seconds to a minute per call shape (needs a C++ compiler on CPU; float32 or bfloat16)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -184,7 +190,7 @@ def _run_files(args: argparse.Namespace) -> int:
         )
     if not todo:
         return 0
-    model = load_model(args.model, device=args.device, precision=args.dtype)
+    model = load_model(args.model, device=args.device, precision=args.dtype, compile=args.compile)
     failed = 0
     stats = _Stats() if getattr(args, "stats", False) else None
     out = ResultLog(args.output) if args.output else None  # one durable line per result

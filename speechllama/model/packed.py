@@ -132,6 +132,12 @@ class PackedLinears:
 
     def linear(self, x: torch.Tensor, name: str, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         w0 = weights[0]
+        if torch.compiler.is_compiling():  # inductor picks its own kernels (model/compiled.py)
+            return (
+                F.linear(x, w0)
+                if len(weights) == 1
+                else torch.cat([F.linear(x, w) for w in weights], dim=-1)
+            )
         if self.int8 and int8_usable(x, w0):
             w8, scale = self._get(name, weights, quantize_weight)
             return int8_linear(x, w8, scale)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from speechllama.model.adapter import Adapter
+from speechllama.model.compiled import CompiledCalls
 from speechllama.model.config import ModelConfig
 from speechllama.model.decoder import KVCache, LlamaDecoder
 from speechllama.model.heads import build_heads
@@ -53,6 +54,7 @@ class SpeechLLaMA(nn.Module):
         self.decoder_calls = 0  # incremented by prefill() and step(): strategies cannot forget
         self.pack_policy = PackPolicy()
         self._share_pack_policy()
+        self.compiled: CompiledCalls | None = None  # see compile_calls
 
     # --- audio -> embeddings ----------------------------------------------------------------
 
@@ -178,18 +180,35 @@ class SpeechLLaMA(nn.Module):
         compact an accepted path. Counts one decoder call."""
         _check_batch(tokens.shape[0], cache)
         k = tokens.shape[1]
-        self._measure_packing(tokens.numel())
-        slots = cache.lengths[:, None] + torch.arange(k, device=tokens.device)
         positions = None
         if tree_mask is not None:
             tree_mask = tree_mask.to(device=tokens.device, dtype=torch.bool)
             positions = cache.lengths[:, None] + tree_mask.sum(-1) - 1
+        if self.compiled is not None:
+            self._check_fits(int(cache.lengths.max()) + k, cache.max_len, "the KV cache length")
+            logits = self.compiled(self, tokens, cache, positions, tree_mask, num_heads)
+            cache.lengths = cache.lengths + k
+            self.decoder_calls += 1
+            return logits.float()
+        self._measure_packing(tokens.numel())
+        slots = cache.lengths[:, None] + torch.arange(k, device=tokens.device)
         x = self.decoder.embed(tokens)
         hidden = self.decoder.forward_cached(x, cache, slots, positions, tree_mask)
         logits = self.heads(hidden, num_heads, None, cache, slots, positions, tree_mask)
         cache.lengths = cache.lengths + k
         self.decoder_calls += 1
         return logits.float()
+
+    def compile_calls(self, mode: str | None = None) -> SpeechLLaMA:
+        """Run every later ``step`` through ``torch.compile`` (:mod:`speechllama.model.compiled`):
+        each new (tokens per call, heads) shape compiles once, seconds to a minute on a CPU
+        (inductor's on-disk cache makes later processes faster), then calls cost less. For
+        inference: the compiled graphs do not train. Not with int8 weights, whose matmuls are
+        eager kernels of their own."""
+        if self.heads.packed.int8:
+            raise ValueError("compiled decoder calls need float32 or bfloat16 weights, not int8")
+        self.compiled = CompiledCalls(mode)
+        return self
 
     def set_decoder_dtype(self, dtype: torch.dtype) -> SpeechLLaMA:
         """Store decoder and heads in ``dtype`` for inference (bf16 on a CPU with avx512_bf16:
@@ -239,6 +258,8 @@ class SpeechLLaMA(nn.Module):
         matmuls still depend on that row alone, so batching does not change a transcript and
         verification reproduces int8 greedy almost always (see the module for the exception).
         Training and teacher-forced passes are unaffected."""
+        if enabled and self.compiled is not None:
+            raise ValueError("int8 weights cannot run compiled decoder calls; load without compile")
         for packed in self._packed():
             packed.int8 = enabled
         return self
