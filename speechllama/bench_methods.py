@@ -249,6 +249,12 @@ class StrategyRunner:
         self.lookahead = self.strategy.lookahead
         self.compiled = compiled if compiled is not None else self.model.compiled
 
+    def warm_up(self) -> None:
+        """Compile the graphs this strategy can meet (nothing for eager calls)."""
+        if self.compiled is not None:
+            sizes = (1,) if self.batch_size == 1 else (1, self.batch_size)
+            self.compiled.warm_up(self.model, self.strategy.num_heads, sizes)
+
     def run(self, batch: EncodedBatch) -> tuple[list[Output], float]:
         cfg = self.model.config
         before, self.model.compiled = self.model.compiled, self.compiled

@@ -102,3 +102,16 @@ def test_int8_refused() -> None:
     model = copy.deepcopy(eager).set_decoder_int8(True)
     with pytest.raises(ValueError, match="int8"):
         model.compile_calls()
+
+
+def test_warm_up_compiles_what_threshold_decoding_meets() -> None:
+    """Threshold acceptance feeds 1..K tokens a call; after ``warm_up`` none of it compiles."""
+    from torch._dynamo.utils import counters
+
+    _, compiled, audio = models()
+    compiled.compiled.warm_up(compiled, None)
+    before = counters["stats"]["unique_graphs"]
+    lens = torch.full((1,), S)
+    for row in range(audio.shape[0]):
+        run_decoding(compiled, audio[row : row + 1], lens, [1.0], strategy="threshold")
+    assert counters["stats"]["unique_graphs"] == before

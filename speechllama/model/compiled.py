@@ -66,7 +66,7 @@ def static_call(
     cache: KVCache,
     positions: torch.Tensor | None,
     tree_mask: torch.Tensor | None,
-    num_heads: int,
+    num_heads: int | None,
 ) -> torch.Tensor:
     """One decoder call of tokens (B, k) against ``cache`` -> logits (B, k, n, V), the
     arithmetic of ``SpeechLLaMA.step`` without a value-dependent branch: every call attends
@@ -119,7 +119,7 @@ class CompiledCalls:
         cache: KVCache,
         positions: torch.Tensor | None,
         tree_mask: torch.Tensor | None,
-        num_heads: int,
+        num_heads: int | None,
     ) -> torch.Tensor:
         import torch._dynamo
 
@@ -130,8 +130,29 @@ class CompiledCalls:
             at = torch.zeros(1, 1, dtype=torch.long, device=tokens.device)
             rope_tables(at, c.head_dim, c.rope_theta, torch.float32, c.max_seq_len)
             self._rope_ready.add(tokens.device)
+        # Canonical strides (a (1, k) slice of a wider block is "contiguous" with stride K) and
+        # the resolved head count: either would otherwise fail a guard and recompile.
+        tokens = tokens.new_empty(tokens.shape).copy_(tokens)
+        num_heads = model.heads.active(num_heads)
         _mark_dynamic(tokens, cache, positions, tree_mask)
         return self._fn(model, tokens, cache, positions, tree_mask, num_heads)
+
+    def warm_up(
+        self, model: SpeechLLaMA, num_heads: int | None, batch_sizes: tuple[int, ...] = (1,)
+    ) -> None:
+        """Compile now, on a scratch cache, every graph a strategy decoding with ``num_heads``
+        heads can meet at these batch sizes: one-token calls and many-token calls (one graph
+        serves every k >= 2). Without it the first call of each shape compiles mid-decoding,
+        seconds that land in a timed pass or a request."""
+        c = model.decoder.cfg
+        device = model.decoder.embed.weight.device
+        with torch.inference_mode():
+            for batch in batch_sizes:
+                for k in (1, 2):
+                    cache = model.decoder.new_cache(batch, 16, device=device)
+                    cache.lengths = torch.full((batch,), 4, dtype=torch.long, device=device)
+                    tokens = torch.full((batch, k), c.vocab_size - 1, device=device)
+                    self(model, tokens, cache, None, None, num_heads)
 
 
 def _mark_dynamic(
