@@ -91,8 +91,11 @@ def run(args: argparse.Namespace) -> int:
     transcriber = load_model(args.model, device=args.device, precision=args.dtype,
                              compile=args.compile)  # fmt: skip
     # Measure the packed-weight choice of every call size now, not in the first requests.
-    lookahead = get_strategy(options).lookahead
-    transcriber.model.tune_packing(call_sizes(args.max_batch, lookahead))
+    strategy = get_strategy(options)
+    transcriber.model.tune_packing(call_sizes(args.max_batch, strategy.lookahead))
+    if transcriber.model.compiled is not None:  # and compile now, not in the first requests
+        sizes = (1,) if args.max_batch == 1 else (1, args.max_batch)
+        transcriber.model.compiled.warm_up(transcriber.model, strategy.num_heads, sizes)
     config = ServeConfig(
         model_id=args.served_name,
         max_batch=args.max_batch,
