@@ -115,3 +115,20 @@ def test_warm_up_compiles_what_threshold_decoding_meets() -> None:
     for row in range(audio.shape[0]):
         run_decoding(compiled, audio[row : row + 1], lens, [1.0], strategy="threshold")
     assert counters["stats"]["unique_graphs"] == before
+
+
+def test_layer_heads_compile_and_warm_up() -> None:
+    """``layer`` heads attend over the cache with layers of their own (``model.new_cache``)
+    and read their width back, which splits the graph; the call must stay correct."""
+    eager = decoding_model("layer", K, MAX_LEN).eval()
+    compiled = copy.deepcopy(eager).compile_calls()
+    compiled.compiled.warm_up(compiled, None)
+    audio = torch.randn(2, S, D, generator=torch.Generator().manual_seed(5))
+    tokens = torch.tensor([[4, 5], [6, 7]])
+    out = []
+    with torch.inference_mode():
+        for model in (eager, compiled):
+            cache = model.new_cache(2, 40)
+            model.prefill(audio, torch.tensor([S, S - 1]), cache)
+            out.append(model.step(tokens, cache))
+    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)

@@ -16,7 +16,9 @@ slots) under a mask built on the device, so its graph depends only on shapes:
   as does each head count;
 - the prefill stays eager: its length changes with every utterance and it runs once;
 - PackedLinears falls back to plain ``F.linear`` while tracing (``torch.compiler.is_compiling``);
-  the oneDNN packed path is an eager-only optimisation.
+  the oneDNN packed path is an eager-only optimisation;
+- ``layer`` heads read their attention width back (``Tensor.item``): dynamo splits the graph
+  there (one warning) and the call stays correct, with less fused.
 
 The result is the same arithmetic as the eager call except for the attention over extra
 masked slots and inductor's own kernels, so logits agree to fp32 rounding (about 1e-6), not
@@ -149,7 +151,7 @@ class CompiledCalls:
         with torch.inference_mode():
             for batch in batch_sizes:
                 for k in (1, 2):
-                    cache = model.decoder.new_cache(batch, 16, device=device)
+                    cache = model.new_cache(batch, 16)  # layer heads add their own layers
                     cache.lengths = torch.full((batch,), 4, dtype=torch.long, device=device)
                     tokens = torch.full((batch, k), c.vocab_size - 1, device=device)
                     self(model, tokens, cache, None, None, num_heads)
