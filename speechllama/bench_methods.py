@@ -303,9 +303,10 @@ def build_runners(
                 runners[method.name] = HFRunner(peer, method.prompt_lookup)
             elif reason is None and method.compiled:
                 if compiled is None:
-                    from speechllama.model.compiled import CompiledCalls
+                    from speechllama.model.compiled import CompiledCalls, compile_options
 
-                    compiled = model.compiled or CompiledCalls()
+                    device = model.decoder.embed.weight.device
+                    compiled = model.compiled or CompiledCalls(options=compile_options(device))
                 runners[method.name] = StrategyRunner(transcriber, method.options, compiled)
             elif reason is None:
                 runners[method.name] = StrategyRunner(transcriber, method.options)

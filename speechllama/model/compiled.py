@@ -28,7 +28,7 @@ strategies stay lossless because greedy and verification both run compiled calls
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,7 +43,7 @@ from speechllama.model.decoder import (
 if TYPE_CHECKING:
     from speechllama.model.speechllama import SpeechLLaMA
 
-__all__ = ["CompiledCalls", "compile_available"]
+__all__ = ["CompiledCalls", "compile_available", "compile_options"]
 
 # Graphs a model may hold: (k, heads) pairs of the strategies in one process, times a few
 # dynamic-shape variants. Dynamo's default of 8 is reached by a bench that runs every method.
@@ -60,6 +60,14 @@ def compile_available() -> str | None:
     if shutil.which("g++") is None and shutil.which("c++") is None:
         return "torch.compile needs a C++ compiler (g++) on the PATH for CPU kernels"
     return None
+
+
+def compile_options(device: torch.device) -> dict[str, Any] | None:
+    """``torch.compile`` options for decoder calls on ``device``. On CPU, inductor's C++
+    wrapper: it calls the kernels from C++ instead of generated Python, which took 1.29x less
+    decoder time for ``small``'s batch-1 greedy on real-smoke (docs/speed.md), for a longer
+    compile. Elsewhere inductor's defaults."""
+    return {"cpp_wrapper": True} if device.type == "cpu" else None
 
 
 def static_call(
@@ -96,9 +104,10 @@ def static_call(
 
 class CompiledCalls:
     """``static_call`` compiled once per model; ``SpeechLLaMA.step`` routes through it when
-    the model was given one (:meth:`SpeechLLaMA.compile_calls`)."""
+    the model was given one (:meth:`SpeechLLaMA.compile_calls`). ``mode`` and ``options``
+    are ``torch.compile``'s."""
 
-    def __init__(self, mode: str | None = None) -> None:
+    def __init__(self, mode: str | None = None, options: dict[str, Any] | None = None) -> None:
         import torch._dynamo
 
         why = compile_available()
@@ -106,13 +115,13 @@ class CompiledCalls:
             raise RuntimeError(why)
         config = torch._dynamo.config
         config.cache_size_limit = max(config.cache_size_limit, CACHE_SIZE_LIMIT)
-        self.mode = mode
-        self._fn = torch.compile(static_call, dynamic=None, mode=mode)
+        self.mode, self.options = mode, options
+        self._fn = torch.compile(static_call, dynamic=None, mode=mode, options=options)
         self._rope_ready: set[torch.device] = set()
 
     def __deepcopy__(self, memo: dict) -> CompiledCalls:
         # Graphs belong to the model they traced: a copied model compiles its own.
-        return CompiledCalls(self.mode)
+        return CompiledCalls(self.mode, self.options)
 
     def __call__(
         self,

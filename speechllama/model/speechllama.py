@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from speechllama.model.adapter import Adapter
-from speechllama.model.compiled import CompiledCalls
+from speechllama.model.compiled import CompiledCalls, compile_options
 from speechllama.model.config import ModelConfig
 from speechllama.model.decoder import KVCache, LlamaDecoder
 from speechllama.model.heads import build_heads
@@ -207,7 +207,7 @@ class SpeechLLaMA(nn.Module):
         eager kernels of their own."""
         if self.heads.packed.int8:
             raise ValueError("compiled decoder calls need float32 or bfloat16 weights, not int8")
-        self.compiled = CompiledCalls(mode)
+        self.compiled = CompiledCalls(mode, compile_options(self.decoder.embed.weight.device))
         return self
 
     def set_decoder_dtype(self, dtype: torch.dtype) -> SpeechLLaMA:
