@@ -256,12 +256,14 @@ def _timed(
     prompt lookup on ``inputs_embeds``) is dropped from ``runners`` with a note; our own
     strategies are never excused."""
     for name in list(runners):
+        runner = runners[name]
+        compiling = isinstance(runner, StrategyRunner) and runner.compiled is not None
         try:
             t0 = time.perf_counter()
-            if isinstance(runners[name], StrategyRunner):
-                runners[name].warm_up()
-            runners[name].run(batches[0].first())
-            if getattr(runners[name], "compiled", None) is not None:  # what a user waits once
+            if compiling:
+                runner.warm_up()
+            runner.run(batches[0].first())
+            if compiling:  # what a user waits once
                 warm = time.perf_counter() - t0
                 notes.append(f"{name}: warm-up (compiling its decoder calls) took {warm:.1f} s")
         except (ValueError, TypeError, NotImplementedError) as err:

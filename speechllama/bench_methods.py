@@ -252,8 +252,7 @@ class StrategyRunner:
     def warm_up(self) -> None:
         """Compile the graphs this strategy can meet (nothing for eager calls)."""
         if self.compiled is not None:
-            sizes = (1,) if self.batch_size == 1 else (1, self.batch_size)
-            self.compiled.warm_up(self.model, self.strategy.num_heads, sizes)
+            self.compiled.warm_up(self.model, self.strategy.num_heads, self.batch_size)
 
     def run(self, batch: EncodedBatch) -> tuple[list[Output], float]:
         cfg = self.model.config
@@ -269,12 +268,14 @@ class StrategyRunner:
         return [Output(d.tokens, d.decoder_calls) for d in decoded], seconds
 
 
-def _skip_reason(method: Method, heads: int) -> str | None:
+def _skip_reason(method: Method, heads: int, int8: bool) -> str | None:
     if method.compiled:
         from speechllama.model.compiled import compile_available
 
         if (why := compile_available()) is not None:
             return why
+        if int8:
+            return "compiled decoder calls need float32 or bfloat16 weights, not int8"
     if method.family == "strategy":
         if method.options.strategy not in available_strategies():
             return f"strategy {method.options.strategy!r} is not installed"
@@ -296,17 +297,16 @@ def build_runners(
     compiled: CompiledCalls | None = None  # one set of graphs for every +compiled method
     for method in methods:
         heads = method.options.num_heads or model.config.heads.num_heads
-        reason = _skip_reason(method, heads)
+        reason = _skip_reason(method, heads, model.heads.packed.int8)
         try:
             if reason is None and method.family == "hf":
                 peer = peer if peer is not None else HFPeer(model)
                 runners[method.name] = HFRunner(peer, method.prompt_lookup)
             elif reason is None and method.compiled:
                 if compiled is None:
-                    from speechllama.model.compiled import CompiledCalls, compile_options
+                    from speechllama.model.compiled import CompiledCalls
 
-                    device = model.decoder.embed.weight.device
-                    compiled = model.compiled or CompiledCalls(options=compile_options(device))
+                    compiled = model.compiled or CompiledCalls.for_model(model)
                 runners[method.name] = StrategyRunner(transcriber, method.options, compiled)
             elif reason is None:
                 runners[method.name] = StrategyRunner(transcriber, method.options)

@@ -16,12 +16,13 @@ from test_transcribe import SENTENCES, write_wav
 
 from speechllama import load_model
 from speechllama.bench import _timed, run_bench
-from speechllama.bench_methods import EncodedBatch, Output, parse_methods
+from speechllama.bench_methods import EncodedBatch, Output, _skip_reason, parse_methods
 from speechllama.checkpoint import save_checkpoint
 from speechllama.cli import main
 from speechllama.data.manifest import load_manifest
 from speechllama.decoding import DecodingOptions, available_strategies
 from speechllama.evaluate import evaluate_manifest
+from speechllama.model.compiled import compile_available
 from speechllama.model.config import HeadsConfig, preset
 from speechllama.model.heads import expand_heads
 from speechllama.model.speechllama import SpeechLLaMA
@@ -107,6 +108,11 @@ def test_parse_methods():
         ("greedy", False), ("greedy+compiled", True), ("verify-exact+compiled", True),
         ("verify-exact", False)]  # fmt: skip
     assert both[2].options == both[3].options
+    # int8 weights would be traced as their fp32 originals: a compiled method is skipped
+    assert _skip_reason(both[0], 1, int8=True) is None
+    if compile_available() is None:
+        assert "int8" in (_skip_reason(both[1], 1, int8=True) or "")
+        assert _skip_reason(both[1], 1, int8=False) is None
     bad_ones = ("nope", "threshold", "threshold@x", "threshold@1.5", "greedy@2", "tree@3-0",
                 "hf-generate+compiled", "nope+compiled")  # fmt: skip
     for bad in bad_ones:

@@ -94,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
     strategy = get_strategy(options)
     transcriber.model.tune_packing(call_sizes(args.max_batch, strategy.lookahead))
     if transcriber.model.compiled is not None:  # and compile now, not in the first requests
-        sizes = (1,) if args.max_batch == 1 else (1, args.max_batch)
-        transcriber.model.compiled.warm_up(transcriber.model, strategy.num_heads, sizes)
+        transcriber.model.compiled.warm_up(transcriber.model, strategy.num_heads, args.max_batch)
     config = ServeConfig(
         model_id=args.served_name,
         max_batch=args.max_batch,

@@ -37,6 +37,7 @@ from speechllama.model.decoder import (
     KVCache,
     cached_attention_mask,
     cached_rope,
+    mask_bias,
     rope_tables,
 )
 
@@ -83,22 +84,15 @@ def static_call(
     over all ``cache.max_len`` slots, hidden ones masked. Does not advance ``cache.lengths``
     (the caller does, outside the graph)."""
     decoder, c = model.decoder, model.decoder.cfg
-    B, k = tokens.shape
-    slots = cache.lengths[:, None] + torch.arange(k, device=tokens.device)
+    slots = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
     positions = slots if positions is None else positions
     x = decoder.embed(tokens)
-    index = cache.write_index(slots)
     width = cache.max_len
     visible = cached_attention_mask(cache.lengths, slots, tree_mask, width)  # (B, k, W)
-    group = c.n_heads // c.n_kv_heads
-    bias = torch.zeros(B, 1, 1, k, width, dtype=x.dtype, device=x.device)
-    bias = bias.masked_fill(~visible[:, None, None], float("-inf"))
-    bias = bias.expand(B, 1, group, k, width).reshape(B, 1, group * k, width)
-    mask = CallMask(width, bias, index)
+    bias = mask_bias(visible, c.n_heads // c.n_kv_heads, x.dtype)
+    mask = CallMask(width, bias, cache.write_index(slots))
     rope = cached_rope(positions, c.head_dim, c.rope_theta, x.dtype, c.max_seq_len)
-    for i, block in enumerate(decoder.layers):
-        x = block(x, rope, cache=cache, layer=i, slots=slots, mask=mask)
-    hidden = decoder.norm(x)
+    hidden = decoder.run_blocks(x, rope, cache, slots, mask)
     return model.heads(hidden, num_heads, None, cache, slots, positions, tree_mask)
 
 
@@ -118,6 +112,15 @@ class CompiledCalls:
         self.mode, self.options = mode, options
         self._fn = torch.compile(static_call, dynamic=None, mode=mode, options=options)
         self._rope_ready: set[torch.device] = set()
+
+    @classmethod
+    def for_model(cls, model: SpeechLLaMA, mode: str | None = None) -> CompiledCalls:
+        """Compiled calls for ``model`` with :func:`compile_options` for its device. Refuses
+        int8 weights: their matmuls are eager kernels of their own, and tracing would quietly
+        run the fp32 weights instead."""
+        if model.heads.packed.int8:
+            raise ValueError("compiled decoder calls need float32 or bfloat16 weights, not int8")
+        return cls(mode, compile_options(model.decoder.embed.weight.device))
 
     def __deepcopy__(self, memo: dict) -> CompiledCalls:
         # Graphs belong to the model they traced: a copied model compiles its own.
@@ -148,17 +151,16 @@ class CompiledCalls:
         _mark_dynamic(tokens, cache, positions, tree_mask)
         return self._fn(model, tokens, cache, positions, tree_mask, num_heads)
 
-    def warm_up(
-        self, model: SpeechLLaMA, num_heads: int | None, batch_sizes: tuple[int, ...] = (1,)
-    ) -> None:
+    def warm_up(self, model: SpeechLLaMA, num_heads: int | None, max_batch: int = 1) -> None:
         """Compile now, on a scratch cache, every graph a strategy decoding with ``num_heads``
-        heads can meet at these batch sizes: one-token calls and many-token calls (one graph
-        serves every k >= 2). Without it the first call of each shape compiles mid-decoding,
-        seconds that land in a timed pass or a request."""
+        heads can meet in batches of up to ``max_batch``: batch 1 and, above it, one graph
+        for every larger batch; one-token calls and many-token calls (one graph serves every
+        k >= 2). Without it the first call of each shape compiles mid-decoding, seconds that
+        land in a timed pass or a request."""
         c = model.decoder.cfg
         device = model.decoder.embed.weight.device
         with torch.inference_mode():
-            for batch in batch_sizes:
+            for batch in (1,) if max_batch == 1 else (1, max_batch):
                 for k in (1, 2):
                     cache = model.new_cache(batch, 16)  # layer heads add their own layers
                     cache.lengths = torch.full((batch,), 4, dtype=torch.long, device=device)

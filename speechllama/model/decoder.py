@@ -238,12 +238,20 @@ def call_mask(
 ) -> CallMask:
     """visible (B, T, W) bool (from :func:`cached_attention_mask`) -> :class:`CallMask` for
     query heads in groups of ``group`` per key/value head."""
-    B, T, W = visible.shape
+    W = visible.shape[-1]
     if bool(visible.all()):
         return CallMask(W, None, write_index)
+    return CallMask(W, mask_bias(visible, group, dtype), write_index)
+
+
+def mask_bias(visible: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """visible (B, T, W) bool -> additive bias (B, 1, group·T, W): 0 visible, -inf hidden, each
+    token's row repeated for the ``group`` query heads of a key/value head. Built even when
+    every slot is visible (the compiled call has no host-side branch to skip it)."""
+    B, T, W = visible.shape
     bias = torch.zeros(B, 1, 1, T, W, dtype=dtype, device=visible.device)
     bias.masked_fill_(~visible[:, None, None], float("-inf"))
-    return CallMask(W, bias.expand(B, 1, group, T, W).reshape(B, 1, group * T, W), write_index)
+    return bias.expand(B, 1, group, T, W).reshape(B, 1, group * T, W)
 
 
 class Attention(nn.Module):
@@ -473,6 +481,19 @@ class LlamaDecoder(nn.Module):
             visible = cached_attention_mask(cache.lengths, slots, tree_mask, max(top_len, top_slot))
             mask = call_mask(visible, c.n_heads // c.n_kv_heads, x.dtype, index)
         rope = cached_rope(positions, c.head_dim, c.rope_theta, x.dtype, top_pos)
+        return self.run_blocks(x, rope, cache, slots, mask)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        slots: torch.Tensor,
+        mask: CallMask,
+    ) -> torch.Tensor:
+        """The layers and final norm of a cached call, x (B, k, d) -> hidden (B, k, d), once
+        its rotary tables (:func:`cached_rope`) and mask are built: shared by
+        :meth:`forward_cached` and the compiled call (``speechllama.model.compiled``)."""
         for i, block in enumerate(self.layers):
             x = block(x, rope, cache=cache, layer=i, slots=slots, mask=mask)
         return self.norm(x)

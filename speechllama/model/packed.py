@@ -132,17 +132,12 @@ class PackedLinears:
 
     def linear(self, x: torch.Tensor, name: str, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         w0 = weights[0]
-        if torch.compiler.is_compiling():  # inductor picks its own kernels (model/compiled.py)
-            return (
-                F.linear(x, w0)
-                if len(weights) == 1
-                else torch.cat([F.linear(x, w) for w in weights], dim=-1)
-            )
-        if self.int8 and int8_usable(x, w0):
+        traced = torch.compiler.is_compiling()  # inductor picks its own kernels (compiled.py)
+        if self.int8 and not traced and int8_usable(x, w0):
             w8, scale = self._get(name, weights, quantize_weight)
             return int8_linear(x, w8, scale)
         rows = x.numel() // x.shape[-1]
-        if not usable(x, w0):  # one matmul per matrix, bitwise the modules' own
+        if traced or not usable(x, w0):  # one matmul per matrix, bitwise the modules' own
             if len(weights) == 1:
                 return F.linear(x, w0)
             return torch.cat([F.linear(x, w) for w in weights], dim=-1)

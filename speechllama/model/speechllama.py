@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from speechllama.model.adapter import Adapter
-from speechllama.model.compiled import CompiledCalls, compile_options
+from speechllama.model.compiled import CompiledCalls
 from speechllama.model.config import ModelConfig
 from speechllama.model.decoder import KVCache, LlamaDecoder
 from speechllama.model.heads import build_heads
@@ -187,14 +187,12 @@ class SpeechLLaMA(nn.Module):
         if self.compiled is not None:
             self._check_fits(int(cache.lengths.max()) + k, cache.max_len, "the KV cache length")
             logits = self.compiled(self, tokens, cache, positions, tree_mask, num_heads)
-            cache.lengths = cache.lengths + k
-            self.decoder_calls += 1
-            return logits.float()
-        self._measure_packing(tokens.numel())
-        slots = cache.lengths[:, None] + torch.arange(k, device=tokens.device)
-        x = self.decoder.embed(tokens)
-        hidden = self.decoder.forward_cached(x, cache, slots, positions, tree_mask)
-        logits = self.heads(hidden, num_heads, None, cache, slots, positions, tree_mask)
+        else:
+            self._measure_packing(tokens.numel())
+            slots = cache.lengths[:, None] + torch.arange(k, device=tokens.device)
+            x = self.decoder.embed(tokens)
+            hidden = self.decoder.forward_cached(x, cache, slots, positions, tree_mask)
+            logits = self.heads(hidden, num_heads, None, cache, slots, positions, tree_mask)
         cache.lengths = cache.lengths + k
         self.decoder_calls += 1
         return logits.float()
@@ -205,9 +203,7 @@ class SpeechLLaMA(nn.Module):
         (inductor's on-disk cache makes later processes faster), then calls cost less. For
         inference: the compiled graphs do not train. Not with int8 weights, whose matmuls are
         eager kernels of their own."""
-        if self.heads.packed.int8:
-            raise ValueError("compiled decoder calls need float32 or bfloat16 weights, not int8")
-        self.compiled = CompiledCalls(mode, compile_options(self.decoder.embed.weight.device))
+        self.compiled = CompiledCalls.for_model(self, mode)
         return self
 
     def set_decoder_dtype(self, dtype: torch.dtype) -> SpeechLLaMA:
