@@ -29,7 +29,7 @@ import torch
 from time_decoder import interleaved, show
 
 from speechllama.bench_hf import to_hf_llama
-from speechllama.model.speechllama import DECODE_PRECISIONS
+from speechllama.model.precision import DECODE_PRECISIONS
 
 
 def bandwidth_gb_s(repeats: int = 5) -> float:

@@ -26,7 +26,7 @@ DEFAULT_SETS = ("real-smoke", "fsdd-test")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from speechllama.bench_peers import PEERS
     from speechllama.cli.transcribe import add_decoding_args
-    from speechllama.model.speechllama import DECODE_PRECISIONS
+    from speechllama.model.precision import DECODE_PRECISIONS, ENCODER_PRECISIONS
 
     p = argparse.ArgumentParser(
         prog="peers.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device for --model (default: cpu)")
     p.add_argument("--dtype", choices=DECODE_PRECISIONS, default="float32",
                    help="--model's decoder precision (default: float32)")  # fmt: skip
+    p.add_argument("--encoder-dtype", choices=ENCODER_PRECISIONS, default="auto",
+                   help="--model's encoder precision: auto is bfloat16 on a CPU with AMX "
+                        "(default: auto)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="--model: decoder calls through torch.compile")  # fmt: skip
     p.add_argument(

@@ -237,6 +237,7 @@ def run_bench(
         "encoder_seconds": rows[0]["encoder_seconds"],
         "heads": options.num_heads or model.config.heads.num_heads,
         "precision": transcriber.meta.get("decode_precision", "float32"),
+        "encoder_precision": transcriber.meta.get("encoder_precision", "float32"),
         "compiled": model.compiled is not None,
     }  # fmt: skip
     if any(not isinstance(r, StrategyRunner) for r in runners.values()):
@@ -340,8 +341,9 @@ def format_table(report: BenchReport) -> str:
         f"{h['batch_size']} | K = {h['heads']} heads | decoder {h.get('precision', 'float32')} "
         f"| times: median of {h['repeats']} "
         "repeat(s) after a warm-up",
-        f"encoder (features + encoder + adapter) {h['encoder_seconds']:.3f} s, RTF "
-        f"{h['encoder_seconds'] / h['audio_seconds']:.4f}; its embeddings are shared by all",
+        f"encoder (features + encoder + adapter, {h.get('encoder_precision', 'float32')}) "
+        f"{h['encoder_seconds']:.3f} s, RTF {h['encoder_seconds'] / h['audio_seconds']:.4f}; "
+        "its embeddings are shared by all",
         "",
         f"{'method':<{w}} {'WER':>7} {'calls/utt':>9} {'tok/call':>8} {'decoder s':>9} "
         f"{'speed-up':>8} {'RTF':>7} {'=greedy':>7} {'batch':>5}",

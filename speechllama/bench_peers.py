@@ -323,11 +323,12 @@ def measure(
         from speechllama.transcribe import load_model
 
         model = load_model(args.model, device=args.device, precision=args.dtype,
-                           compile=args.compile)  # fmt: skip
+                           compile=args.compile, encoder_precision=args.encoder_dtype)  # fmt: skip
         where = Path(args.model)
         name = f"speechllama {where.parent.name}/{where.name}" if where.is_dir() else None
         name = (name or "speechllama") + ("" if args.dtype == "float32" else f" {args.dtype}")
         name += " compiled" if args.compile else ""
+        name += " bf16-encoder" if model.meta.get("encoder_precision") == "bfloat16" else ""
         # Batched rows are throughput, not latency: the table must say which it is.
         name += f" batch {args.batch_size}" if args.batch_size != 1 else ""
         systems.insert(0, OurModel(model, decoding_options(args), name))

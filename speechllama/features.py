@@ -36,6 +36,7 @@ __all__ = [
 
 FeatureKind = Literal["fbank", "whisper"]
 SAMPLE_RATE = 16000
+FRAMES_PER_SECOND = 100  # both kinds: one frame every 160 samples (10 ms)
 
 # Kaldi fbank at 16 kHz: 25 ms windows every 10 ms, FFT zero-padded to the next power of two.
 _K_WIN, _K_HOP, _K_FFT = 400, 160, 512

@@ -401,6 +401,7 @@ def load_model(
     merge_lora: bool = True,
     precision: str = "float32",
     compile: bool = False,
+    encoder_precision: str = "auto",
 ) -> Transcriber:
     """Load a checkpoint directory (config.json + model.safetensors + tokenizer.model) or a
     bundled model by name (None or ``"default"``: the default model). A sourced preset name
@@ -410,7 +411,9 @@ def load_model(
     ``precision``: the decoder's at decode time, "float32", "bfloat16" or "int8" (see
     ``SpeechLLaMA.set_decode_precision``); other than float32 it is recorded in ``meta``, so
     a resumed evaluation never mixes hypotheses of two precisions. ``compile``: decoder calls
-    through ``torch.compile`` (``SpeechLLaMA.compile_calls``; float32 or bfloat16)."""
+    through ``torch.compile`` (``SpeechLLaMA.compile_calls``; float32 or bfloat16).
+    ``encoder_precision``: "auto" (bf16 on a CPU with AMX, else fp32), "float32" or "bfloat16"
+    (``SpeechLLaMA.set_encoder_precision``); a bf16 encoder is recorded in ``meta``."""
     from speechllama.checkpoint import load_checkpoint
     from speechllama.model.config import SOURCED_PRESETS
 
@@ -426,8 +429,11 @@ def load_model(
     else:
         model, tokenizer, meta = load_checkpoint(path, device=device, merge_lora=merge_lora)
     model.set_decode_precision(precision)
+    model.set_encoder_precision(encoder_precision)
     if compile:
         model.compile_calls()
     if precision != "float32":
         meta = {**meta, "decode_precision": precision}
+    if model.encoder_dtype != torch.float32:
+        meta = {**meta, "encoder_precision": str(model.encoder_dtype).removeprefix("torch.")}
     return Transcriber(model, tokenizer, meta)

@@ -188,7 +188,8 @@ def _reference_head_accuracy(transcriber, utts) -> tuple[list[int], list[int]]:
 
 
 def test_head_accuracy_is_the_teacher_forced_hit_rate_of_each_head(trained, manifest):
-    model = load_model(trained)
+    # fp32 encoder: a bf16 one (the default on AMX CPUs) rounds a padded batch differently
+    model = load_model(trained, encoder_precision="float32")
     utts = [
         u for u in load_manifest(manifest, check_audio=False) if Path(u.audio_filepath).exists()
     ]

@@ -167,6 +167,8 @@ def test_script_runs_our_model_without_peers(tiny, tmp_path, capsys):
             str(ckpt),
             "--threads",
             "1",
+            "--encoder-dtype",
+            "float32",
             "--max-tokens-per-second",
             "4",
             "--json",

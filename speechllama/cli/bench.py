@@ -19,7 +19,7 @@ _PROG = "speechllama bench"
 
 def register(sub: argparse._SubParsersAction) -> None:
     from speechllama.bench_methods import DEFAULT_METHODS, METHODS
-    from speechllama.model.speechllama import DECODE_PRECISIONS
+    from speechllama.model.precision import DECODE_PRECISIONS, ENCODER_PRECISIONS
 
     p = sub.add_parser(
         "bench",
@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="decoder and heads weights at decode time; bfloat16 halves the bytes a "
                         "call reads (CPUs with avx512_bf16), int8 quarters them (int8 weights "
                         "and per-row int8 activations, CPU)")  # fmt: skip
+    p.add_argument("--encoder-dtype", choices=ENCODER_PRECISIONS, default="auto",
+                   help="encoder precision: auto is bfloat16 on a CPU with AMX and float32 "
+                        "elsewhere (default: auto)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="every method's decoder calls through torch.compile, compiled in the "
                         "warm-up; or +compiled on one method (greedy+compiled)")  # fmt: skip
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     utts = load_manifest(args.manifest, check_audio=False)
     if args.limit is not None:
         utts = utts[: args.limit]
-    model = load_model(args.model, device=args.device, precision=args.dtype, compile=args.compile)
+    model = load_model(args.model, device=args.device, precision=args.dtype, compile=args.compile,
+                       encoder_precision=args.encoder_dtype)  # fmt: skip
     report = run_bench(model, utts, methods, options, repeats=args.repeats)
     for error in report.errors:
         print(f"{_PROG}: error: {error}", file=sys.stderr)

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if utts is None:
         return 1
     model = load_model(args.model, device=rank_device(args.device), precision=args.dtype,
-                       compile=args.compile)  # fmt: skip
+                       compile=args.compile, encoder_precision=args.encoder_dtype)  # fmt: skip
 
     def report(_index: int, result) -> None:
         if result.error is not None:

@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     from speechllama.cli.transcribe import decoding_options, setup_torch
     from speechllama.decoding import get_strategy
+    from speechllama.features import FRAMES_PER_SECOND
     from speechllama.model.pack_tuning import call_sizes
+    from speechllama.model.precision import warm_up_encoder
     from speechllama.serve import ServeConfig, create_app
     from speechllama.transcribe import load_model
 
@@ -89,10 +91,13 @@ def run(args: argparse.Namespace) -> int:
     setup_torch(args)
     options = decoding_options(args)
     transcriber = load_model(args.model, device=args.device, precision=args.dtype,
-                             compile=args.compile)  # fmt: skip
+                             compile=args.compile,
+                             encoder_precision=args.encoder_dtype)  # fmt: skip
     # Measure the packed-weight choice of every call size now, not in the first requests.
     strategy = get_strategy(options)
     transcriber.model.tune_packing(call_sizes(args.max_batch, strategy.lookahead))
+    # A bf16 encoder's kernels, one per length bucket, are built now too (about 3 s for 30 s).
+    warm_up_encoder(transcriber.model, int(min(args.max_audio_s, 30.0) * FRAMES_PER_SECOND))
     if transcriber.model.compiled is not None:  # and compile now, not in the first requests
         transcriber.model.compiled.warm_up(transcriber.model, strategy.num_heads, args.max_batch)
     config = ServeConfig(

@@ -22,7 +22,7 @@ _PROG = "speechllama transcribe"
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    from speechllama.model.speechllama import DECODE_PRECISIONS
+    from speechllama.model.precision import DECODE_PRECISIONS, ENCODER_PRECISIONS
 
     parser.add_argument(
         "--model",
@@ -38,6 +38,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="decoder precision at decode time: bfloat16 halves the bytes a decoder call "
         "reads (CPUs with avx512_bf16), int8 quarters them (int8 weights and per-row int8 "
         "activations, CPU); both approximate the trained fp32 model (default: float32)",
+    )
+    parser.add_argument(
+        "--encoder-dtype",
+        choices=ENCODER_PRECISIONS,
+        default="auto",
+        help="encoder precision: auto is bfloat16 on a CPU with AMX (about 2x faster encoder, "
+        "WER unchanged within noise) and float32 elsewhere (default: auto)",
     )
     parser.add_argument(
         "--compile",
@@ -190,7 +197,8 @@ def _run_files(args: argparse.Namespace) -> int:
         )
     if not todo:
         return 0
-    model = load_model(args.model, device=args.device, precision=args.dtype, compile=args.compile)
+    model = load_model(args.model, device=args.device, precision=args.dtype, compile=args.compile,
+                       encoder_precision=args.encoder_dtype)  # fmt: skip
     failed = 0
     stats = _Stats() if getattr(args, "stats", False) else None
     out = ResultLog(args.output) if args.output else None  # one durable line per result

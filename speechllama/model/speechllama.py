@@ -25,6 +25,12 @@ from speechllama.model.decoder import KVCache, LlamaDecoder
 from speechllama.model.heads import build_heads
 from speechllama.model.hf_llama import hf_decoder_config, load_hf_llama
 from speechllama.model.packed import PackedLinears, PackPolicy, packing_available
+from speechllama.model.precision import (
+    DECODE_PRECISIONS,
+    bucket_frames,
+    cast_matmul_weights,
+    encoder_dtype,
+)
 
 # Decoder fields a pretrained LLM fixes; dropout and max_seq_len stay the run's choice.
 _STRUCTURAL = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -55,6 +61,7 @@ class SpeechLLaMA(nn.Module):
         self.pack_policy = PackPolicy()
         self._share_pack_policy()
         self.compiled: CompiledCalls | None = None  # see compile_calls
+        self.encoder_dtype = torch.float32  # see set_encoder_precision
 
     # --- audio -> embeddings ----------------------------------------------------------------
 
@@ -64,8 +71,16 @@ class SpeechLLaMA(nn.Module):
         """features (B, T, n_mels), feature_lens (B,) -> audio embeddings (B, S, d_dec), lens (B,).
 
         Runs the encoder and the adapter (frame stacking + projection). Training code that
-        needs the encoder output too (CTC) calls ``self.encoder`` and ``self.adapter`` itself."""
-        hidden, lens = self.encoder(features, feature_lens)
+        needs the encoder output too (CTC) calls ``self.encoder`` and ``self.adapter`` itself.
+        With a bf16 encoder (:meth:`set_encoder_precision`) the embeddings are still fp32, and
+        S may exceed the longest length (the input is padded to a bucket); use the lens."""
+        if self.encoder_dtype == torch.float32:
+            hidden, lens = self.encoder(features, feature_lens)
+        else:  # padded to a bucket of lengths: one kernel build per bucket, not per length
+            features = bucket_frames(features, getattr(self.encoder, "max_input_frames", None))
+            with torch.autocast(features.device.type, dtype=self.encoder_dtype):
+                hidden, lens = self.encoder(features, feature_lens)
+            hidden = hidden.float()
         return self.adapter(hidden, lens)
 
     def ctc_logits(self, frames: torch.Tensor) -> torch.Tensor:
@@ -260,6 +275,15 @@ class SpeechLLaMA(nn.Module):
             packed.int8 = enabled
         return self
 
+    def set_encoder_precision(self, name: str) -> SpeechLLaMA:
+        """``--encoder-dtype``: "float32", "bfloat16" or "auto" (bf16 on a CPU with AMX;
+        :mod:`speechllama.model.precision` says why). bf16 casts the encoder's matmul weights
+        in place and runs it under autocast: for inference (reload the model to train)."""
+        dtype = encoder_dtype(name, self.decoder.embed.weight.device)
+        cast_matmul_weights(self.encoder, dtype)
+        self.encoder_dtype = dtype
+        return self
+
     def set_decode_precision(self, name: str) -> SpeechLLaMA:
         """``--dtype`` of ``transcribe`` and ``bench``: "float32" (as trained), "bfloat16"
         (:meth:`set_decoder_dtype`) or "int8" (:meth:`set_decoder_int8`)."""
@@ -328,9 +352,6 @@ def with_pretrained_decoder(config: ModelConfig, path: str | Path) -> ModelConfi
     new = config.replace(decoder=decoder)
     new.validate()
     return new
-
-
-DECODE_PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 def build_ctc_head(config: ModelConfig, d_enc: int) -> nn.Module | None:

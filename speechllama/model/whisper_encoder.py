@@ -117,6 +117,11 @@ class WhisperEncoder(SpeechEncoder):
         self.ln_post = nn.LayerNorm(d_model)
         self.train_top = 0  # the top blocks that train in a frozen encoder (set_train_top)
 
+    @property
+    def max_input_frames(self) -> int:
+        """The longest input (feature frames) the positional table allows."""
+        return 2 * self.max_frames
+
     @staticmethod
     def output_lengths(lens: torch.Tensor) -> torch.Tensor:
         """Frames out for ``lens`` frames in: ceil(lens / 2) (the stride-2 conv)."""
