@@ -27,7 +27,7 @@ from speechllama.model.config import (
     HeadsConfig,
     ModelConfig,
 )
-from speechllama.model.decoder import KVCache
+from speechllama.model.kv_cache import KVCache
 from speechllama.model.speechllama import SpeechLLaMA
 from speechllama.train.losses import multi_token_loss
 

@@ -295,7 +295,7 @@ def test_rescored_hypotheses_end_by_head_one(rescore):
     state = DecodingState(eos_id=EOS, pad_id=0, max_tokens=[10])
     search = SearchState(heads=2)
     search.rows = [(0, BeamHypothesis((5,), -1.0, (1,)))]
-    from speechllama.model.decoder import KVCache
+    from speechllama.model.kv_cache import KVCache
 
     search.cache = KVCache(1, 1, 1, 8, 2)
     logp = torch.full((1, 2, VOCAB), -20.0)
@@ -349,7 +349,7 @@ def test_duplicates_merge_with_the_max_score():
     a = BeamHypothesis((5,), -1.0, (1,))
     b = BeamHypothesis((5, 6), -0.5, (2,))
     search.rows = [(0, a), (0, b)]
-    from speechllama.model.decoder import KVCache
+    from speechllama.model.kv_cache import KVCache
 
     search.cache = KVCache(1, 2, 1, 8, 2)
     logp = torch.full((2, 2, VOCAB), -20.0)

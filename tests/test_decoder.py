@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from speechllama.model.config import DecoderConfig
-from speechllama.model.decoder import KVCache, LlamaDecoder
+from speechllama.model.decoder import LlamaDecoder
 from speechllama.model.hf_llama import HFCheckpointError, decoder_from_hf, load_hf_llama
+from speechllama.model.kv_cache import KVCache
 
 torch.set_num_threads(1)
 TOL = dict(atol=1e-5, rtol=1e-5)

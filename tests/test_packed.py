@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from speechllama.model import packed
 from speechllama.model.config import DecoderConfig
-from speechllama.model.decoder import KVCache, LlamaDecoder
+from speechllama.model.decoder import LlamaDecoder
+from speechllama.model.kv_cache import KVCache
 from speechllama.model.packed import PackedLinears
 
 torch.set_num_threads(1)

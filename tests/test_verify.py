@@ -26,7 +26,7 @@ from helpers import (
 
 from speechllama.decoding import DecodingOptions, get_strategy
 from speechllama.decoding.base import Decoded, fast_argmax, max_tokens_for
-from speechllama.model.decoder import KVCache
+from speechllama.model.kv_cache import KVCache
 from speechllama.model.speechllama import SpeechLLaMA
 
 torch.set_num_threads(1)

@@ -32,14 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from speechllama.model.decoder import (
-    CallMask,
-    KVCache,
-    cached_attention_mask,
-    cached_rope,
-    mask_bias,
-    rope_tables,
-)
+from speechllama.model.decoder import CallMask, cached_rope, mask_bias, rope_tables
+from speechllama.model.kv_cache import KVCache, cached_attention_mask
 
 if TYPE_CHECKING:
     from speechllama.model.speechllama import SpeechLLaMA

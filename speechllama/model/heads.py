@@ -33,7 +33,7 @@ from speechllama.model.config import HeadsConfig, ModelConfig
 from speechllama.model.packed import PackedLinears
 
 if TYPE_CHECKING:
-    from speechllama.model.decoder import KVCache
+    from speechllama.model.kv_cache import KVCache
     from speechllama.model.speechllama import SpeechLLaMA
 
 

@@ -6,7 +6,7 @@ trunk's hidden states and un-embeds its output with the same ``proj``.
 
 These blocks attend over past positions, so they are not position-wise: they keep their own
 keys and values as ``K - 1`` extra layers of the model's KV cache (layer ``n_layers + k - 2``
-holds head k's). Because they live in the same :class:`~.decoder.KVCache`, rollback
+holds head k's). Because they live in the same :class:`~.kv_cache.KVCache`, rollback
 (``truncate``), beam ``reorder`` and tree ``copy_slots`` move them with the trunk's, and a
 cached call computes exactly the function the teacher-forced pass computes. Consequences:
 
@@ -26,15 +26,9 @@ import torch
 from torch import nn
 
 from speechllama.model.config import ModelConfig
-from speechllama.model.decoder import (
-    Block,
-    KVCache,
-    cached_attention_mask,
-    cached_rope,
-    call_mask,
-    rope_tables,
-)
+from speechllama.model.decoder import Block, cached_rope, call_mask, rope_tables
 from speechllama.model.heads import OutputHeads, gather_positions, register, tie_target
+from speechllama.model.kv_cache import KVCache, cached_attention_mask
 
 
 class LayerHeads(OutputHeads):

@@ -21,9 +21,10 @@ from torch import nn
 from speechllama.model.adapter import Adapter
 from speechllama.model.compiled import CompiledCalls
 from speechllama.model.config import ModelConfig
-from speechllama.model.decoder import KVCache, LlamaDecoder
+from speechllama.model.decoder import LlamaDecoder
 from speechllama.model.heads import build_heads
 from speechllama.model.hf_llama import hf_decoder_config, load_hf_llama
+from speechllama.model.kv_cache import KVCache
 from speechllama.model.packed import PackedLinears, PackPolicy, packing_available
 from speechllama.model.precision import (
     DECODE_PRECISIONS,

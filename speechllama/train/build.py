@@ -11,13 +11,19 @@ import datetime as _dt
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from speechllama.checkpoint import load_checkpoint
 from speechllama.model.config import HeadsConfig, ModelConfig, preset
 from speechllama.text import Tokenizer, read_lines, tokenizer_id, train_tokenizer
+
+if TYPE_CHECKING:
+    from speechllama.train.config import TrainConfig
+
+
+TOKENIZER = "tokenizer.model"  # where a run trains its tokenizer (resolve_tokenizer)
 
 
 def resolve_tokenizer(
@@ -35,7 +41,48 @@ def resolve_tokenizer(
     sentences: Iterable[str] = (
         (line for f in text_files for line in read_lines(f)) if text_files else fallback_texts
     )
-    return train_tokenizer(sentences, out_dir / "tokenizer.model", vocab_size)
+    return train_tokenizer(sentences, out_dir / TOKENIZER, vocab_size)
+
+
+def fresh_model(cfg: TrainConfig, out_dir: Path, is_main: bool = True) -> tuple[Any, Tokenizer]:
+    """The model and tokenizer a new (not resumed) run starts from: a sourced preset's LLM
+    tokens, else ``--tokenizer`` or one trained on ``--text`` or the training transcripts (rank
+    0 trains it; the other ranks, ``is_main`` False, load what rank 0 wrote into ``out_dir``),
+    else ``--init``'s own; then ``--heads-from``'s trained heads."""
+    from speechllama.model.config import SOURCED_PRESETS
+    from speechllama.model.sourced import source_tokenizer
+
+    if cfg.preset in SOURCED_PRESETS:
+        if cfg.tokenizer is not None or cfg.text:
+            raise ValueError(
+                f"preset {cfg.preset!r} writes its LLM's own tokens: no --tokenizer/--text"
+            )
+        tok = source_tokenizer(preset(cfg.preset, SOURCED_PRESETS[cfg.preset]))
+    elif cfg.init is None or cfg.tokenizer is not None:
+        texts: list[str] = []
+        if cfg.tokenizer is None and not cfg.text:
+            from speechllama.data.manifest import load_manifest
+
+            texts = [u.text for u in load_manifest(cfg.train_manifest)]
+        given = cfg.tokenizer or (None if is_main else str(out_dir / TOKENIZER))
+        tok = resolve_tokenizer(given, cfg.text, texts, out_dir, cfg.vocab_size)
+    else:
+        tok = None  # the --init checkpoint's own
+    given_heads = (("num_heads", cfg.num_heads), ("kind", cfg.head_kind),
+                   ("loss_weights", cfg.head_loss_weights))  # fmt: skip
+    heads = {k: v for k, v in given_heads if v is not None}
+    model, tok = build_model(
+        cfg.preset, cfg.init, tok, ctc=bool(cfg.ctc_weight), heads=heads,
+        overrides=cfg.model_overrides,
+    )  # fmt: skip
+    if cfg.heads_from:
+        from speechllama.model.heads import copy_heads
+
+        try:
+            copy_heads(model, load_checkpoint(cfg.heads_from)[0])
+        except ValueError as err:
+            raise ValueError(f"--heads-from {cfg.heads_from}: {err}") from None
+    return model, tok
 
 
 def build_model(

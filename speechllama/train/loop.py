@@ -37,22 +37,19 @@ from tqdm import tqdm
 
 from speechllama.checkpoint import TMP_MARK, list_checkpoints, load_train_state, save_checkpoint
 from speechllama.data.sampler import DurationBucketSampler
-from speechllama.model.config import SOURCED_PRESETS, preset
-from speechllama.model.sourced import source_tokenizer
 from speechllama.train import distributed
-from speechllama.train.build import build_model, provenance, resolve_tokenizer
+from speechllama.train.build import build_model, fresh_model, provenance
 from speechllama.train.config import TrainConfig
 from speechllama.train.data import Batch, collate
 from speechllama.train.freeze import plan_run
 from speechllama.train.metrics import dev_line
 from speechllama.train.mwer import MwerObjective
-from speechllama.train.schedule import build_scheduler
+from speechllama.train.schedule import build_optimizer, build_scheduler
 from speechllama.train.setup import prepare_data
 from speechllama.train.step import compute_loss
 from speechllama.train.validate import validate
 
 STEP_PREFIX = "step-"
-TOKENIZER = "tokenizer.model"  # where a run trains its tokenizer (resolve_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -106,7 +103,7 @@ class Trainer:
             model, tokenizer = build_model(None, str(self.resumed_from), None, ctc=False)
         else:
             with distributed.main_first(self.dist):  # rank 0 may write the tokenizer
-                model, tokenizer = self._fresh_model()
+                model, tokenizer = fresh_model(cfg, out, self.dist.is_main)
         distributed.seed_rank(cfg.seed, self.dist)
         self.model, self.tokenizer = model, tokenizer
         model.to(self.device).train()
@@ -141,20 +138,8 @@ class Trainer:
         per_epoch = max(1, math.ceil(len(self.sampler.epoch_batches(0)) / cfg.grad_accum))
         self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
 
-        # Weight decay on matrices only: decaying gains and biases pulls them to 0 for nothing.
-        # Trained blocks of a pretrained encoder (encoder.train_top) get their own, smaller
-        # learning rate; runs without them keep the two groups that older checkpoints saved.
-        encoder_ids = {id(p) for p in model.encoder.parameters()} if self._encoder_top() else set()
-        groups = []
-        for in_encoder in (False, True) if encoder_ids else (False,):
-            part = [p for p in self.params if (id(p) in encoder_ids) == in_encoder]
-            lr = cfg.lr * (cfg.encoder_lr_scale if in_encoder else 1.0)
-            groups += [
-                {"params": [p for p in part if p.dim() >= 2], "weight_decay": cfg.weight_decay,
-                 "lr": lr},
-                {"params": [p for p in part if p.dim() < 2], "weight_decay": 0.0, "lr": lr},
-            ]  # fmt: skip
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        encoder = model.encoder.parameters() if self._encoder_top() else ()
+        self.optimizer = build_optimizer(cfg, self.params, encoder)
         self.scheduler = build_scheduler(
             self.optimizer, cfg.warmup, self.total_steps, cfg.min_lr_ratio
         )
@@ -188,49 +173,6 @@ class Trainer:
     def _loss(self, model: torch.nn.Module, batch: Batch, **kwargs: Any) -> Any:
         """The training objective: what DDP/FSDP run as the wrapped model's forward."""
         return (self.mwer or compute_loss)(model, batch, **kwargs)
-
-    def _fresh_model(self) -> tuple[torch.nn.Module, Any]:
-        cfg = self.cfg
-        if cfg.preset in SOURCED_PRESETS:
-            if cfg.tokenizer is not None or cfg.text:
-                raise ValueError(
-                    f"preset {cfg.preset!r} writes its LLM's own tokens: no --tokenizer/--text"
-                )
-            tok = source_tokenizer(preset(cfg.preset, SOURCED_PRESETS[cfg.preset]))
-        elif cfg.init is None or cfg.tokenizer is not None:
-            texts: list[str] = []
-            if cfg.tokenizer is None and not cfg.text:
-                from speechllama.data.manifest import load_manifest
-
-                texts = [u.text for u in load_manifest(cfg.train_manifest)]
-            # Ranks > 0 load the tokenizer rank 0 has just trained (main_first).
-            given = cfg.tokenizer or (None if self.dist.is_main else str(self.out / TOKENIZER))
-            tok = resolve_tokenizer(given, cfg.text, texts, self.out, cfg.vocab_size)
-        else:
-            tok = None  # the --init checkpoint's own
-        heads = {
-            "num_heads": cfg.num_heads,
-            "kind": cfg.head_kind,
-            "loss_weights": cfg.head_loss_weights,
-        }
-        heads = {k: v for k, v in heads.items() if v is not None}
-        model, tok = build_model(
-            cfg.preset,
-            cfg.init,
-            tok,
-            ctc=bool(cfg.ctc_weight),
-            heads=heads,
-            overrides=cfg.model_overrides,
-        )
-        if cfg.heads_from:
-            from speechllama.checkpoint import load_checkpoint
-            from speechllama.model.heads import copy_heads
-
-            try:
-                copy_heads(model, load_checkpoint(cfg.heads_from)[0])
-            except ValueError as err:
-                raise ValueError(f"--heads-from {cfg.heads_from}: {err}") from None
-        return model, tok
 
     def _encoder_top(self) -> bool:
         """Whether this run trains the top blocks of a frozen pretrained encoder."""
