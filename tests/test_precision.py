@@ -108,3 +108,21 @@ def test_warm_up_encoder_builds_every_bucket_once(monkeypatch) -> None:
     assert precision.warm_up_encoder(model, 100) > 0
     b = precision.FRAME_BUCKET
     assert seen == list(range(b, 100 + b, b))  # what 1..100 frames are padded to
+
+
+def test_warm_up_encoder_stays_within_the_whisper_limit() -> None:
+    """30 s of Whisper frames (3000) is not a multiple of the bucket: the last shape is the
+    limit itself, and nothing past it is built (it would be refused)."""
+    config = ModelConfig(
+        encoder=EncoderConfig(kind="whisper", n_mels=16, d_model=32, n_layers=1, n_heads=4,
+                              d_ff=64),
+        adapter=AdapterConfig(kind="mlp", stack=2),
+    )  # fmt: skip
+    encoder = WhisperEncoder(16, 32, 1, 4, 64, max_frames=50)  # inputs of at most 100 frames
+    model = SpeechLLaMA(config, encoder=encoder).eval().set_encoder_precision("bfloat16")
+    seen: list[int] = []
+    forward = model.encoder.forward
+    model.encoder.forward = lambda f, n: seen.append(f.shape[1]) or forward(f, n)
+    assert precision.warm_up_encoder(model, 100) > 0
+    b = precision.FRAME_BUCKET
+    assert seen == [*range(b, 100, b), 100]

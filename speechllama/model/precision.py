@@ -91,7 +91,9 @@ def warm_up_encoder(model: SpeechLLaMA, max_frames: int) -> float:
     n_mels = model.config.encoder.n_mels
     # the shapes encode() pads inputs of 1..max_frames frames to
     ends = range(FRAME_BUCKET, max_frames + FRAME_BUCKET, FRAME_BUCKET)
-    shapes = sorted({bucket_frames(torch.empty(1, t, 0), limit).shape[1] for t in ends})
+    shapes = sorted(
+        {bucket_frames(torch.empty(1, min(t, max_frames), 0), limit).shape[1] for t in ends}
+    )
     with torch.inference_mode():
         for t in shapes:
             model.encode(torch.zeros(1, t, n_mels, device=device), torch.tensor([t], device=device))
