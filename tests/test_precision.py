@@ -16,6 +16,17 @@ from speechllama.model.whisper_encoder import WhisperEncoder
 torch.set_num_threads(1)
 
 
+def _whisper_model(n_layers: int = 2, max_frames: int = 1500) -> SpeechLLaMA:
+    """A small Whisper-shaped model (convs, attention, GELU MLP, LayerNorms), fp32, eval."""
+    config = ModelConfig(
+        encoder=EncoderConfig(kind="whisper", n_mels=16, d_model=32, n_layers=n_layers,
+                              n_heads=4, d_ff=64),
+        adapter=AdapterConfig(kind="mlp", stack=2),
+    )  # fmt: skip
+    encoder = WhisperEncoder(16, 32, n_layers, 4, 64, max_frames=max_frames)
+    return SpeechLLaMA(config, encoder=encoder).eval()
+
+
 def test_auto_is_bf16_only_on_a_cpu_with_amx(monkeypatch) -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(precision, "has_amx", lambda: True)
@@ -34,14 +45,7 @@ def test_bf16_whisper_encoder_follows_fp32_and_returns_fp32_embeddings() -> None
     weights under autocast: embeddings within bf16 rounding of the fp32 model's, still fp32,
     masked as before, and the norms and positional table untouched."""
     torch.manual_seed(0)
-    config = ModelConfig(
-        encoder=EncoderConfig(kind="whisper", n_mels=16, d_model=32, n_layers=2, n_heads=4,
-                              d_ff=64),
-        adapter=AdapterConfig(kind="mlp", stack=2),
-    )  # fmt: skip
-    encoder = WhisperEncoder(n_mels=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
-    fp32 = SpeechLLaMA(config, encoder=encoder).eval()
-    bf16 = SpeechLLaMA(config, encoder=WhisperEncoder(16, 32, 2, 4, 64)).eval()
+    fp32, bf16 = _whisper_model(), _whisper_model()
     bf16.load_state_dict(fp32.state_dict())
     bf16.set_encoder_precision("bfloat16")
     block = bf16.encoder.blocks[0]
@@ -93,6 +97,13 @@ def test_bf16_encoder_input_is_padded_to_a_bucket_within_the_encoder_limit() -> 
     assert precision.bucket_frames(torch.zeros(1, 2 * b, 3)).shape[1] == 2 * b
     assert precision.bucket_frames(torch.zeros(1, 2990, 3), limit=3000).shape[1] == 3000
     assert precision.bucket_frames(torch.zeros(1, 3001, 3), limit=3000).shape[1] == 3001
+    assert [precision.bucket_length(t, 100) for t in (1, b, b + 1, 99, 100)] == [
+        b,
+        b,
+        2 * b,
+        100,
+        100,
+    ]
     assert WhisperEncoder().max_input_frames == 3000
 
 
@@ -113,13 +124,8 @@ def test_warm_up_encoder_builds_every_bucket_once(monkeypatch) -> None:
 def test_warm_up_encoder_stays_within_the_whisper_limit() -> None:
     """30 s of Whisper frames (3000) is not a multiple of the bucket: the last shape is the
     limit itself, and nothing past it is built (it would be refused)."""
-    config = ModelConfig(
-        encoder=EncoderConfig(kind="whisper", n_mels=16, d_model=32, n_layers=1, n_heads=4,
-                              d_ff=64),
-        adapter=AdapterConfig(kind="mlp", stack=2),
-    )  # fmt: skip
-    encoder = WhisperEncoder(16, 32, 1, 4, 64, max_frames=50)  # inputs of at most 100 frames
-    model = SpeechLLaMA(config, encoder=encoder).eval().set_encoder_precision("bfloat16")
+    model = _whisper_model(n_layers=1, max_frames=50)  # inputs of at most 100 frames
+    model.set_encoder_precision("bfloat16")
     seen: list[int] = []
     forward = model.encoder.forward
     model.encoder.forward = lambda f, n: seen.append(f.shape[1]) or forward(f, n)

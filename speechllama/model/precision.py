@@ -67,13 +67,19 @@ def cast_matmul_weights(module: nn.Module, dtype: torch.dtype) -> None:
             layer.to(dtype)
 
 
-def bucket_frames(features: torch.Tensor, limit: int | None = None) -> torch.Tensor:
-    """features (B, T, n_mels) -> (B, T', n_mels) zero-padded at the end to T' = T rounded up
-    to a multiple of ``FRAME_BUCKET``, but not past ``limit`` (the encoder's longest input)."""
-    t = features.shape[1]
+def bucket_length(t: int, limit: int | None = None) -> int:
+    """The length a bf16 encoder's input of ``t`` frames is padded to: ``t`` rounded up to a
+    multiple of ``FRAME_BUCKET``, but not past ``limit`` (the encoder's longest input), and
+    never below ``t``."""
     target = -(-t // FRAME_BUCKET) * FRAME_BUCKET
-    if limit is not None:
-        target = max(t, min(target, limit))
+    return target if limit is None else max(t, min(target, limit))
+
+
+def bucket_frames(features: torch.Tensor, limit: int | None = None) -> torch.Tensor:
+    """features (B, T, n_mels) -> (B, T', n_mels) zero-padded at the end to
+    T' = :func:`bucket_length` (T, ``limit``)."""
+    t = features.shape[1]
+    target = bucket_length(t, limit)
     if target == t:
         return features
     return torch.nn.functional.pad(features, (0, 0, 0, target - t))
@@ -89,11 +95,7 @@ def warm_up_encoder(model: SpeechLLaMA, max_frames: int) -> float:
     limit = getattr(model.encoder, "max_input_frames", None)
     device = model.decoder.embed.weight.device
     n_mels = model.config.encoder.n_mels
-    # the shapes encode() pads inputs of 1..max_frames frames to
-    ends = range(FRAME_BUCKET, max_frames + FRAME_BUCKET, FRAME_BUCKET)
-    shapes = sorted(
-        {bucket_frames(torch.empty(1, min(t, max_frames), 0), limit).shape[1] for t in ends}
-    )
+    shapes = sorted({bucket_length(t, limit) for t in range(1, max_frames + 1)})
     with torch.inference_mode():
         for t in shapes:
             model.encode(torch.zeros(1, t, n_mels, device=device), torch.tensor([t], device=device))
