@@ -23,7 +23,6 @@ written and dev sets evaluated by rank 0 alone.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,9 +34,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from speechllama.checkpoint import TMP_MARK, list_checkpoints, load_train_state, save_checkpoint
+from speechllama.checkpoint import list_checkpoints, save_checkpoint
 from speechllama.data.sampler import DurationBucketSampler
-from speechllama.train import distributed
+from speechllama.train import distributed, resume
 from speechllama.train.build import build_model, fresh_model, provenance
 from speechllama.train.config import TrainConfig
 from speechllama.train.data import Batch, collate
@@ -48,8 +47,6 @@ from speechllama.train.schedule import build_optimizer, build_scheduler
 from speechllama.train.setup import prepare_data
 from speechllama.train.step import compute_loss
 from speechllama.train.validate import validate
-
-STEP_PREFIX = "step-"
 
 
 @dataclass(frozen=True)
@@ -81,25 +78,12 @@ class Trainer:
         self.out = out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
-            _remove_stale_tmp(out)
+            resume.remove_stale_tmp(out)
         self.device = self.dist.device
         torch.manual_seed(cfg.seed)
 
-        existing = list_checkpoints(out, STEP_PREFIX)
-        if existing and not cfg.resume:
-            raise ValueError(
-                f"{out}: already holds checkpoints ({existing[-1].name}); pass --resume to "
-                "continue that run, or choose a new --out"
-            )
-        self.resumed_from = existing[-1] if cfg.resume and existing else None
-        if cfg.resume and self.resumed_from is None:
-            print(f"speechllama train: nothing to resume in {out}; starting afresh")
-        state: dict[str, Any] = {}
+        self.resumed_from, state = resume.resume_point(cfg, out)
         if self.resumed_from is not None:
-            state = load_train_state(self.resumed_from)
-            changed = cfg.replay_differences(TrainConfig.from_dict(state["train_config"]))
-            if changed:
-                raise ValueError(f"{self.resumed_from}: cannot resume with changed {changed}")
             model, tokenizer = build_model(None, str(self.resumed_from), None, ctc=False)
         else:
             with distributed.main_first(self.dist):  # rank 0 may write the tokenizer
@@ -156,14 +140,7 @@ class Trainer:
         self.grad_norm = math.nan
         self.per_head: tuple[float, ...] = ()
         if state:
-            self.wrapped.load_optimizer_state(self.optimizer, state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            distributed.restore_rng(state, self.dist, self.resumed_from)
-            if state.get("cuda_rng") and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-            for key in ("step", "epoch", "batches_done", "audio_seconds", "train_seconds"):
-                setattr(self, key, state[key])
-            self.best = state.get("best") or {}
+            resume.restore(self, state)
         self.log = distributed.main_log(out / "metrics.jsonl", self.dist)
 
     def _pin_frozen(self) -> None:
@@ -238,7 +215,7 @@ class Trainer:
         finally:
             bar.close()
             self.log.close()
-        steps = list_checkpoints(self.out, STEP_PREFIX)
+        steps = list_checkpoints(self.out, resume.STEP_PREFIX)
         return TrainResult(
             steps=self.step,
             epochs_done=self._epochs_done(),
@@ -370,31 +347,17 @@ class Trainer:
     def _save_step(self) -> Path:
         """A resumable checkpoint, written by rank 0 (the other ranks wait); always float32, so
         resuming loses no precision."""
-        path = self.out / f"{STEP_PREFIX}{self.step:08d}"
+        path = resume.step_path(self.out, self.step)
         model = self.wrapped.full_model()  # the collectives first, on every rank
         optimizer = self.wrapped.optimizer_state(self.optimizer)
         rank_rng = distributed.rank_rng_states(self.dist)
         if model is None:
             distributed.barrier(self.dist)
             return path
-        train_state = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "batches_done": self.batches_done,
-            "audio_seconds": self.audio_seconds,
-            "train_seconds": self.train_seconds,
-            "best": self.best,
-            "train_config": self.cfg.to_dict(),
-            "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "rank_rng": rank_rng,
-            "world_size": self.dist.world_size,
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        save_checkpoint(model, self.tokenizer, path, self._meta(), train_state)
-        for old in list_checkpoints(self.out, STEP_PREFIX)[: -self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        save_checkpoint(
+            model, self.tokenizer, path, self._meta(), resume.snapshot(self, optimizer, rank_rng)
+        )
+        resume.prune(self.out, self.cfg.keep_last)
         self.log.write("checkpoint", step=self.step, path=str(path))
         distributed.barrier(self.dist)
         return path
@@ -417,10 +380,3 @@ class Trainer:
             },
             dev=self.best or None,
         )
-
-
-def _remove_stale_tmp(out: Path) -> None:
-    """Delete this run directory's leftovers of interrupted checkpoint saves."""
-    for p in out.iterdir():
-        if p.is_dir() and TMP_MARK in p.name and p.name.startswith((STEP_PREFIX, "best")):
-            shutil.rmtree(p, ignore_errors=True)
