@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import N_MELS, TinyEncoder, tiny_decoder
@@ -71,6 +73,17 @@ def test_a_trained_head_one_or_other_heads_are_refused() -> None:
     two = expand_heads(next_token_model(_trained_latent(seed=4)), HeadsConfig("latent", 2))
     with pytest.raises(ValueError, match="heads differ"):
         copy_heads(two, _trained_latent(seed=4))
+
+
+def test_heads_trained_with_loss_weights_graft_onto_unweighted_ones() -> None:
+    # A joint-trained donor stores its head-loss weights in its config; they say how the heads
+    # were trained, not what they are, so they do not block the graft.
+    donor, target = _trained_latent(seed=6), _trained_latent(seed=7)
+    donor.config = donor.config.replace(
+        heads=replace(donor.config.heads, loss_weights=(1.0, 0.2, 0.1, 0.1)[: LATENT.num_heads])
+    )
+    copy_heads(target, donor)
+    assert torch.equal(target.heads.maps, donor.heads.maps)
 
 
 def test_reheading_a_checkpoint(batch: dict) -> None:

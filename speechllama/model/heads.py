@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -259,8 +260,11 @@ def copy_heads(model: SpeechLLaMA, donor: SpeechLLaMA) -> list[str]:
     un-embedding ``proj`` (the trunk's own): heads trained on an earlier trunk start the heads of
     a continued one close to where they end. Both must have the same heads config and sizes.
     Returns the copied parameter names."""
-    if donor.config.heads != model.config.heads:
-        raise ValueError(f"heads differ: {donor.config.heads} (donor) against {model.config.heads}")
+    # Loss weights are how the heads were trained, not what they are: heads trained jointly
+    # with weights may start heads that train another way.
+    mine, theirs = (replace(m.config.heads, loss_weights=()) for m in (model, donor))
+    if theirs != mine:
+        raise ValueError(f"heads differ: {theirs} (donor) against {mine}")
     state = {k: v for k, v in donor.heads.state_dict().items() if k != "proj.weight"}
     own = model.heads.state_dict()
     for name, tensor in state.items():

@@ -61,6 +61,9 @@
 # trunk: head 1 stays the next-token model, so greedy is unchanged, and the trunk's hidden
 # states are cached once. Joint training at MTP_LR from the next-token model cost head 1
 # dearly (dev head-1 accuracy 0.60 -> 0.46, dev WER 65.6% -> 72.2% after 400 steps).
+# Session 14 continued the shipped model jointly with head-loss weights 1/0.2/0.1/0.1 at lr
+# 3e-4 (continue.sh --mode joint): head 1 kept up with a next-token control and head 2 got
+# 1.5x as accurate (docs/heads.md); a joint stage 4 from scratch has not been measured.
 : "${MTP_FREEZE:=encoder adapter decoder}"
 : "${MTP_NO_HIDDEN_CACHE:=}"  # non-empty: run the frozen trunk every step instead of caching it
 : "${SD_STEPS:=0}"      # self-distilled heads after MTP_STEPS (0 = off): trained on the trunk's
