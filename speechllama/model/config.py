@@ -122,6 +122,11 @@ class HeadsConfig:
     loss_weights: tuple[float, ...] = ()
     medusa_blocks: int = 1
 
+    def architecture(self) -> HeadsConfig:
+        """This config without its loss weights: what the heads are, not how they were trained
+        (heads of the same architecture carry over between runs with other weights)."""
+        return dataclasses.replace(self, loss_weights=())
+
 
 @dataclass(frozen=True)
 class ModelConfig:

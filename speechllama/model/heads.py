@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -258,11 +257,10 @@ def _check_plain_head_one(model: SpeechLLaMA) -> None:
 def copy_heads(model: SpeechLLaMA, donor: SpeechLLaMA) -> list[str]:
     """Copy ``donor``'s multi-token head weights into ``model`` in place, except the shared
     un-embedding ``proj`` (the trunk's own): heads trained on an earlier trunk start the heads of
-    a continued one close to where they end. Both must have the same heads config and sizes.
+    a continued one close to where they end. Both must have the same heads architecture (loss
+    weights may differ) and sizes.
     Returns the copied parameter names."""
-    # Loss weights are how the heads were trained, not what they are: heads trained jointly
-    # with weights may start heads that train another way.
-    mine, theirs = (replace(m.config.heads, loss_weights=()) for m in (model, donor))
+    mine, theirs = model.config.heads.architecture(), donor.config.heads.architecture()
     if theirs != mine:
         raise ValueError(f"heads differ: {theirs} (donor) against {mine}")
     state = {k: v for k, v in donor.heads.state_dict().items() if k != "proj.weight"}

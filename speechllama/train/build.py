@@ -154,7 +154,7 @@ def _reheaded(model: torch.nn.Module, new: HeadsConfig) -> torch.nn.Module:
     old = model.config.heads
     if new == old:
         return model
-    if (new.kind, new.num_heads, new.medusa_blocks) == (old.kind, old.num_heads, old.medusa_blocks):
+    if new.architecture() == old.architecture():
         model.config = model.config.replace(heads=new)
         return model
     return next_token_model(model) if new.kind == "linear" else expand_heads(model, new)
