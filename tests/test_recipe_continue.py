@@ -106,3 +106,17 @@ def test_split_continuation_refuses_a_joint_trained_source(tmp_path):
     p = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env)
     assert p.returncode != 0
     assert "not the plain un-embedding" in p.stderr
+
+
+def test_bad_arguments_stop_before_any_work(tmp_path):
+    """A wrong --from or --mode is one line on stderr and exit 1, before audio is synthesized."""
+    exp = tmp_path / "exp"
+    for args, message in (
+        (["--from", str(tmp_path / "nope")], "not a checkpoint directory"),
+        (["--mode", "bogus"], "--mode is joint or split"),
+    ):
+        p = subprocess.run(
+            ["bash", str(SCRIPT), "--exp", str(exp), *args], capture_output=True, text=True
+        )
+        assert p.returncode == 1 and message in p.stderr
+        assert not exp.exists()

@@ -92,6 +92,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$mode" in joint|split) ;; *) echo "continue.sh: --mode is joint or split, not $mode" >&2; exit 1 ;; esac
+if [ ! -f "$from/config.json" ]; then
+  echo "continue.sh: --from $from: not a checkpoint directory (no config.json)" >&2; exit 1
+fi
 sl=${SPEECHLLAMA:-$repo/.venv/bin/speechllama}
 [ -x "$sl" ] || sl=speechllama
 if [ -z "$max_duration" ]; then
