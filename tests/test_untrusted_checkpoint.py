@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import speechllama
 from speechllama import checkpoint as ckpt_module
+from speechllama import shadow as shadow_module
 from speechllama.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from speechllama.model import speechllama as model_module
 from speechllama.model.config import preset
@@ -115,10 +116,10 @@ def test_sizes_inside_each_limit_but_too_big_together_are_refused_unallocated(
 def test_the_memory_check_counts_every_weight(good: Path, monkeypatch, built_on) -> None:
     need = sum(t.numel() * t.element_size() for t in load_checkpoint(good)[0].state_dict().values())
     built_on.clear()
-    monkeypatch.setattr(ckpt_module, "memory_bytes", lambda: need - 1)
+    monkeypatch.setattr(shadow_module, "memory_bytes", lambda: need - 1)
     with pytest.raises(CheckpointError, match="more than this machine"):
         load_checkpoint(good)
-    monkeypatch.setattr(ckpt_module, "memory_bytes", lambda: need)
+    monkeypatch.setattr(shadow_module, "memory_bytes", lambda: need)
     load_checkpoint(good)
     assert built_on == ["meta", "meta", "cpu"]
 
