@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from speechllama.decoding import DecodingOptions, DecodingResult
+from speechllama.inputs import Clip
 from speechllama.resultlog import ResultLog, read_rows, replace_rows, write_text_atomic
 from speechllama.text import normalize
-from speechllama.transcribe import Clip
 
 if TYPE_CHECKING:
     from speechllama.data.manifest import Utterance

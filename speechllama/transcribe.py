@@ -5,9 +5,8 @@ Batches are formed in duration-sorted order (similar lengths waste little paddin
 back in input order. A bad file in a list becomes a ``DecodingResult`` with ``error`` set and
 the rest of the list is still transcribed; a single bad input raises its ``AudioError``.
 
-Long and silent audio: an input longer than ``MAX_SECONDS`` is cut at its pauses
-(``speechllama.segment``, read block by block) and its pieces are batched like any other input,
-each loaded on its own, so memory stays bounded whatever the length; the pieces' results are
+Long and silent audio: an input longer than ``MAX_SECONDS`` is cut at its pauses and its
+pieces are batched like any other input (``speechllama.inputs``); the pieces' results are
 joined into one result per input (``extra["segments"]``). Audio with no frame above the
 silence floor (digital silence, faint hiss), or shorter than a word can be (``min_speech``,
 0.1 s), gets an empty transcript without a decoder call, so a model is never asked to invent
@@ -26,71 +25,34 @@ import importlib.resources
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from speechllama.audio import MAX_SECONDS
 from speechllama.decoding import DecodingOptions, DecodingResult, get_strategy
 from speechllama.decoding.base import Strategy, decode
-from speechllama.segment import Segment, SegmentOptions, is_silent, segment_array, segment_file
+from speechllama.inputs import (
+    SAMPLE_RATE,
+    AudioInput,
+    Clip,
+    Item,
+    Pieces,
+    split_input,
+)
+from speechllama.segment import SegmentOptions, is_silent
 
 if TYPE_CHECKING:
     from speechllama.model.speechllama import SpeechLLaMA
     from speechllama.text import Tokenizer
 
 
-@dataclass(frozen=True)
-class Clip:
-    """A span of an audio file, ``offset`` seconds in and ``duration`` long (None: to the end),
-    as manifests describe segments of longer recordings; only that span is ever decoded."""
-
-    path: str
-    offset: float = 0.0
-    duration: float | None = None
-
-
-AudioInput = str | os.PathLike | np.ndarray | Clip
-SAMPLE_RATE = 16_000
 MIN_SPEECH_SECONDS = SegmentOptions.min_speech
 """Shorter audio holds no word (a click at most): an empty transcript, no decoder call."""
 # Checkpoints shipped inside the package (package-data "models/**/*"), by name; "default" is
 # what load_model(None) and the CLI without --model use. Only the trained parts are shipped.
 BUNDLED_MODELS = Path(str(importlib.resources.files("speechllama") / "models"))
-
-
-class _Item:
-    """One input, or one piece of a long input (``piece``: its span, in seconds): where it
-    came from and (once known) its duration in seconds."""
-
-    __slots__ = ("duration", "index", "name", "piece", "source")
-
-    def __init__(self, index: int, source: AudioInput, piece: Segment | None = None) -> None:
-        self.index = index
-        if isinstance(source, Clip):  # _split gives its span as the piece
-            source = source.path
-        self.source = source
-        self.name = None if isinstance(source, np.ndarray) else os.fspath(source)
-        self.piece = piece
-        self.duration = 0.0 if piece is None else piece.duration
-
-    def load(self) -> np.ndarray:
-        """The item's 16 kHz mono samples (a piece: only its span is decoded)."""
-        from speechllama.audio import load_audio
-
-        if isinstance(self.source, np.ndarray):
-            wave = _check_array(self.source)
-            if self.piece is None:
-                return wave
-            return wave[round(self.piece.start * SAMPLE_RATE) : round(self.piece.end * SAMPLE_RATE)]
-        if self.piece is None:
-            return load_audio(self.source, sample_rate=SAMPLE_RATE)
-        return load_audio(
-            self.source, SAMPLE_RATE, None, offset=self.piece.start, duration=self.piece.duration
-        )
 
 
 class Transcriber:
@@ -149,21 +111,21 @@ class Transcriber:
 
         options = options or DecodingOptions()
         strategy = get_strategy(options)
-        items: list[_Item] = []
-        pieces: dict[int, _Pieces] = {}
+        items: list[Item] = []
+        pieces: dict[int, Pieces] = {}
         for index, source in enumerate(inputs):
             try:
-                parts, seconds = _split(index, source)
+                parts, seconds = split_input(index, source)
             except AudioError as exc:
                 if raise_errors:
                     raise
-                yield index, _failed(_Item(index, source), exc)
+                yield index, _failed(Item(index, source), exc)
                 continue
             if not parts:  # a long input without speech
-                yield index, _empty(_Item(index, source), seconds)
+                yield index, _empty(Item(index, source), seconds)
                 continue
             if parts[0].piece is not None and not isinstance(source, Clip):
-                pieces[index] = _Pieces(len(parts), seconds)
+                pieces[index] = Pieces(len(parts), seconds)
             items.extend(parts)
         items.sort(key=lambda it: it.duration)
         size = max(1, options.batch_size)
@@ -179,14 +141,14 @@ class Transcriber:
                     yield item.index, joined
 
     def _batch(
-        self, items: list[_Item], options: DecodingOptions, strategy: Strategy, raise_errors: bool
-    ) -> Iterator[tuple[_Item, DecodingResult]]:
+        self, items: list[Item], options: DecodingOptions, strategy: Strategy, raise_errors: bool
+    ) -> Iterator[tuple[Item, DecodingResult]]:
         from speechllama.audio import AudioError
         from speechllama.features import feature_frames
 
         kind = self.config.encoder.features
         waves: list[np.ndarray] = []
-        kept: list[_Item] = []
+        kept: list[Item] = []
         for item in items:
             try:
                 wave = item.load()
@@ -208,7 +170,7 @@ class Transcriber:
             yield from zip(kept, self._decode(kept, waves, options, strategy), strict=True)
 
     def _decode(
-        self, items: list[_Item], waves: list[np.ndarray], options: DecodingOptions, strategy
+        self, items: list[Item], waves: list[np.ndarray], options: DecodingOptions, strategy
     ) -> list[DecodingResult]:
         from speechllama.features import compute_features
 
@@ -276,103 +238,16 @@ class Transcriber:
         return results
 
 
-def _check_array(wave: np.ndarray) -> np.ndarray:
-    """Arrays are taken as 16 kHz mono samples; reject what cannot be that."""
-    from speechllama.audio import AudioError
-
-    if wave.ndim != 1:
-        raise AudioError("audio array", f"expected 1-D 16 kHz mono samples, got {wave.shape}")
-    if wave.size == 0:
-        raise AudioError("audio array", "no samples")
-    if not np.isfinite(wave).all():
-        raise AudioError("audio array", "holds NaN or infinite samples")
-    return wave.astype(np.float32, copy=False)
-
-
-def _failed(item: _Item, exc: Exception) -> DecodingResult:
+def _failed(item: Item, exc: Exception) -> DecodingResult:
     return DecodingResult(
         text="", tokens=(), decoder_calls=0, audio_filepath=item.name, error=str(exc)
     )
 
 
-def _clip_span(clip: Clip) -> Segment:
-    """The span of ``clip`` in its file (its length read from the header when open-ended)."""
-    from speechllama.audio import audio_duration
-
-    end = audio_duration(clip.path) if clip.duration is None else clip.offset + clip.duration
-    return Segment(clip.offset, end)
-
-
-def _empty(item: _Item, seconds: float) -> DecodingResult:
+def _empty(item: Item, seconds: float) -> DecodingResult:
     """The result for audio without speech: an empty transcript, no decoder call."""
     return DecodingResult(
         text="", tokens=(), decoder_calls=0, audio_seconds=seconds, audio_filepath=item.name
-    )
-
-
-def _split(index: int, source: AudioInput) -> tuple[list[_Item], float]:
-    """The items to transcribe for one input (itself, or when longer than ``MAX_SECONDS`` its
-    speech segments: none for a long input without speech) and its duration in seconds. Only
-    a file's header and frame energies are read here. Raises ``AudioError``."""
-    from speechllama.audio import AudioError, audio_duration
-
-    if isinstance(source, Clip):  # a manifest's segment: transcribed as it is
-        span = _clip_span(source)
-        if span.duration <= 0:
-            raise AudioError(source.path, f"segment at {source.offset:g} s is past the end")
-        return [_Item(index, source, span)], span.duration
-    item = _Item(index, source)
-    if isinstance(source, np.ndarray):
-        wave = _check_array(source)
-        item.duration = wave.shape[0] / SAMPLE_RATE
-        spans = segment_array(wave, SAMPLE_RATE) if item.duration > MAX_SECONDS else None
-    else:
-        item.duration = audio_duration(source)
-        spans = segment_file(source) if item.duration > MAX_SECONDS else None
-    if spans is None:
-        return [item], item.duration
-    return [_Item(index, source, span) for span in spans], item.duration
-
-
-class _Pieces:
-    """Collects the results of one long input's pieces; ``add`` returns the joined result
-    once the last piece is in (pieces finish in duration order, not in time order)."""
-
-    def __init__(self, count: int, seconds: float) -> None:
-        self.count = count
-        self.seconds = seconds
-        self.done: list[tuple[float, DecodingResult]] = []
-
-    def add(self, piece: Segment, result: DecodingResult) -> DecodingResult | None:
-        self.done.append((piece.start, result))
-        if len(self.done) < self.count:
-            return None
-        self.done.sort(key=lambda pair: pair[0])
-        joined = join_results([r for _, r in self.done])
-        return dataclasses.replace(joined, audio_seconds=self.seconds)
-
-
-def join_results(parts: Sequence[DecodingResult]) -> DecodingResult:
-    """One result from the results of consecutive pieces of one input (in time order): texts
-    joined by a space, tokens concatenated, calls, histograms and seconds summed
-    (``extra["segments"]``: how many); the first error, if any, fails the whole input."""
-    error = next((p.error for p in parts if p.error is not None), None)
-    histogram: list[int] = []
-    for p in parts:
-        for i, n in enumerate(p.accepted_per_call):
-            histogram.extend([0] * (i + 1 - len(histogram)))
-            histogram[i] += n
-    return DecodingResult(
-        text="" if error else " ".join(p.text.strip() for p in parts if p.text.strip()),
-        tokens=() if error else tuple(t for p in parts for t in p.tokens),
-        decoder_calls=sum(p.decoder_calls for p in parts),
-        accepted_per_call=tuple(histogram),
-        encoder_seconds=sum(p.encoder_seconds for p in parts),
-        decoder_seconds=sum(p.decoder_seconds for p in parts),
-        audio_seconds=sum(p.audio_seconds for p in parts),
-        audio_filepath=parts[0].audio_filepath,
-        error=error,
-        extra={"segments": float(len(parts))},
     )
 
 

@@ -19,6 +19,7 @@ from test_transcribe import make_checkpoint, write_wav
 
 from speechllama import load_model
 from speechllama.audio import AudioError, load_audio
+from speechllama.inputs import join_results
 from speechllama.segment import (
     FRAME_SECONDS,
     SegmentOptions,
@@ -27,7 +28,7 @@ from speechllama.segment import (
     segment_array,
     segment_file,
 )
-from speechllama.transcribe import Transcriber, join_results
+from speechllama.transcribe import Transcriber
 
 torch.set_num_threads(1)
 

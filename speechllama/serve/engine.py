@@ -35,8 +35,9 @@ from speechllama.decoding import DecodingOptions, DecodingResult, get_strategy
 from speechllama.decoding.base import Decoded, Strategy, decode
 from speechllama.decoding.state import DecodingState
 from speechllama.features import compute_features, feature_frames
+from speechllama.inputs import SAMPLE_RATE
 from speechllama.segment import is_silent
-from speechllama.transcribe import MIN_SPEECH_SECONDS, SAMPLE_RATE
+from speechllama.transcribe import MIN_SPEECH_SECONDS
 
 if TYPE_CHECKING:
     from speechllama.transcribe import Transcriber
