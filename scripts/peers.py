@@ -10,7 +10,7 @@ Usage:
 A manifest given as a bare path is named after its folder. Our model's row uses the decoding
 flags of ``speechllama evaluate`` (default here: --batch-size 1, as the peers decode one
 utterance at a time). Needs ``pip install 'speechllama[peers]'``. What is timed and how the
-systems share the machine: see ``speechllama/bench_peers.py``.
+systems share the machine: ``speechllama/bench_peers.py``; the systems: ``speechllama/peers.py``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ DEFAULT_SETS = ("real-smoke", "fsdd-test")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from speechllama.bench_peers import PEERS
     from speechllama.cli.transcribe import add_decoding_args
     from speechllama.model.precision import DECODE_PRECISIONS, ENCODER_PRECISIONS
+    from speechllama.peers import PEERS
 
     p = argparse.ArgumentParser(
         prog="peers.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -18,8 +18,6 @@ from speechllama import DecodingOptions, load_model
 from speechllama.assets import example_manifest
 from speechllama.bench_peers import (
     EvalSet,
-    Hypothesis,
-    OurModel,
     format_table,
     load_set,
     run_set,
@@ -27,6 +25,7 @@ from speechllama.bench_peers import (
     to_json,
 )
 from speechllama.evaluate import evaluate_manifest, evaluate_results
+from speechllama.peers import Hypothesis, OurModel
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +219,7 @@ def test_default_sets_are_named_after_their_folders():
 
 def test_digit_grammar_peer_says_only_digits(tmp_path):
     pytest.importorskip("pocketsphinx")
-    from speechllama.bench_peers import build_peers
+    from speechllama.peers import build_peers
 
     rows = [json.loads(line) for line in example_manifest().read_text().splitlines()]
     digits = [r for r in rows if r["text"].isalpha() and len(r["text"].split()) == 1]
@@ -238,7 +237,7 @@ def test_digit_grammar_peer_says_only_digits(tmp_path):
 @pytest.mark.parametrize("peer", ["faster-whisper", "pocketsphinx"])
 def test_real_peer_on_a_bundled_clip(peer, tmp_path):
     pytest.importorskip(peer.replace("-", "_"))
-    from speechllama.bench_peers import build_peers
+    from speechllama.peers import build_peers
 
     rows = [json.loads(line) for line in example_manifest().read_text().splitlines()]
     lj = next(r for r in rows if r["audio_filepath"].endswith("LJ001-0002.flac"))
