@@ -1,12 +1,13 @@
 """What ``speechllama bench`` can run: named methods and the runners that decode one batch of
 shared audio embeddings with them.
 
-Methods are named ``family`` or ``family@ARG`` (``threshold@0.8``, ``verify-topk@3``,
-``tree@3-2-1``, ``beam@4``, ``prefix-beam@4``, ``prefix-beam-rescored@4``), with ``+compiled``
-after any of our own for the same strategy on compiled decoder calls; each family is one
-``@register_method`` parser, so adding one is one function here and nothing else. A method
-whose strategy is not installed, that needs K > 1 heads on a K = 1 model, or whose peer library
-is missing is skipped with a note (:func:`build_runners`). Greedy always runs: it is the reference.
+Methods are named ``family`` or ``family@ARG`` (``threshold@0.8``, ``verify-exact@0.3``
+(confidence-gated drafting), ``verify-topk@3``, ``tree@3-2-1``, ``beam@4``, ``prefix-beam@4``,
+``prefix-beam-rescored@4``), with ``+compiled`` after any of our own for the same strategy on
+compiled decoder calls; each family is one ``@register_method`` parser, so adding one is one
+function here and nothing else. A method whose strategy is not installed, that needs K > 1
+heads on a K = 1 model, or whose peer library is missing is skipped with a note
+(:func:`build_runners`). Greedy always runs: it is the reference.
 """
 
 from __future__ import annotations
@@ -100,10 +101,15 @@ def _threshold(arg: str | None, base: DecodingOptions) -> Method:
     return _strategy(f"threshold@{t:g}", base, True, strategy="threshold", threshold=t)
 
 
-@register_method("verify-exact", "verify-exact")
+@register_method("verify-exact", "verify-exact, or verify-exact@P to draft while confidence >= P")
 def _verify_exact(arg: str | None, base: DecodingOptions) -> Method:
-    _bare("verify-exact", arg)
-    return _strategy("verify-exact", base, True, strategy="verify", verify="exact")
+    if arg is None:
+        return _strategy("verify-exact", base, True, strategy="verify", verify="exact")
+    p = _number("verify-exact", arg, float)
+    if not 0 < p <= 1:
+        raise ValueError(f"method verify-exact@{arg}: the draft threshold must lie in (0, 1]")
+    return _strategy(f"verify-exact@{p:g}", base, True, strategy="verify", verify="exact",
+                     draft_threshold=p)  # fmt: skip
 
 
 @register_method("verify-topk", "verify-topk@N, N >= 1")

@@ -82,13 +82,15 @@ def test_new_shapes_do_not_recompile() -> None:
     assert counters["stats"]["unique_graphs"] == before
 
 
-@pytest.mark.parametrize("strategy", ["greedy", "verify"])
-def test_decoding_unchanged(strategy: str) -> None:
+@pytest.mark.parametrize("strategy,draft", [("greedy", 0.0), ("verify", 0.0), ("verify", 0.5)])
+def test_decoding_unchanged(strategy: str, draft: float) -> None:
+    """Verification with confidence-gated drafting (draft > 0) feeds 1..K tokens per call."""
     eager, compiled, audio = models()
     lens = torch.full((1,), S)
     for row in range(audio.shape[0]):
         want = run_decoding(eager, audio[row : row + 1], lens, [1.0], strategy="greedy")
-        got = run_decoding(compiled, audio[row : row + 1], lens, [1.0], strategy=strategy)
+        got = run_decoding(compiled, audio[row : row + 1], lens, [1.0], strategy=strategy,
+                           draft_threshold=draft)  # fmt: skip
         assert got[0].tokens == want[0].tokens
         assert len(got[0].tokens) > 0
 

@@ -76,6 +76,10 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, help="probability threshold (threshold strategy)")
     g.add_argument("--verify", choices=("exact", "topk"), help="agreement test (verify strategy)")
     g.add_argument("--topk", type=int, help="top-k for relaxed verification")
+    g.add_argument("--draft-threshold", type=float, metavar="P",
+                   help="verify: feed only the proposals whose chained head confidence is at "
+                   "least P, so unlikely ones do not widen the call (default: 0, feed all; "
+                   "exact verification stays greedy's output)")  # fmt: skip
     g.add_argument(
         "--tree",
         type=_tree_shape,
@@ -117,8 +121,9 @@ def decoding_options(args: argparse.Namespace):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     fields: dict[str, Any] = {"strategy": args.decoding, "batch_size": args.batch_size}
-    names = ("num_heads", "threshold", "verify", "topk", "tree", "tree_max_nodes", "beam_size",
-             "length_penalty", "prefix_rescore", "max_tokens_per_second")  # fmt: skip
+    names = ("num_heads", "threshold", "verify", "topk", "draft_threshold", "tree",
+             "tree_max_nodes", "beam_size", "length_penalty", "prefix_rescore",
+             "max_tokens_per_second")  # fmt: skip
     for name in names:
         value = getattr(args, name)
         if value is not None:

@@ -43,6 +43,16 @@ V = 1024, ~85 positions of context): a 4-token call costs 1.09x a 1-token call a
 call at batch 1 and ~0.2 ms at batch 8 (greedy's: ~0.05 and ~0.12 ms). A batch makes as many
 calls as its slowest row needs, so batched speed-ups are smaller than per-sequence call counts
 suggest.
+
+Confidence-gated drafting (``draft_threshold`` P > 0; bench method ``verify-exact@P``): a call
+of w tokens costs more than a one-token call (``small`` on this CPU: about 1.46x at w = 4), and
+most proposals of the later heads are rejected, so feeding all n - 1 of them in every call can
+cost more than the accepted tokens save. With P > 0 the next call feeds y and only the longest
+prefix p_1 .. p_m whose chained confidence (the product of heads 2..m+1's top probabilities at
+the kept position) is at least P: w = m + 1, between 1 and n, per call. Which tokens are
+proposed never changes what verification accepts as correct, so ``exact`` stays greedy's
+output, token for token; only the number of calls and their widths change. Batched, the call
+takes the widest live row's width.
 """
 
 from __future__ import annotations
@@ -76,6 +86,8 @@ class VerifyDecoder(Strategy):
             raise ValueError(f"verify mode {options.verify!r}; choose one of {', '.join(MODES)}")
         if options.verify == "topk" and options.topk < 1:
             raise ValueError(f"verify topk needs topk >= 1, got {options.topk}")
+        if not 0 <= options.draft_threshold <= 1:
+            raise ValueError(f"draft threshold must lie in [0, 1], got {options.draft_threshold}")
         self.lookahead = block_lookahead(options)
 
     def start(
@@ -86,35 +98,57 @@ class VerifyDecoder(Strategy):
         best = logits[:, 0].argmax(dim=-1)  # (B, n)
         state.accept_blocks(best, torch.ones_like(best[:, 0]))
         state.scratch["fed"] = best  # the next call feeds [y, p_1 .. p_{n-1}]
+        state.scratch["draft"] = self._drafted(logits[:, 0])
+
+    def _drafted(self, at: torch.Tensor) -> torch.Tensor:
+        """(B,) how many of the proposals at ``at`` (B, n, V: every head's logits at the last
+        kept position) the next call feeds: all n - 1 at ``draft_threshold`` 0, else the longest
+        prefix p_1 .. p_m whose chained confidence (the product of heads 2..m+1's top
+        probabilities) stays at or above the threshold."""
+        n = at.shape[1]
+        threshold = self.options.draft_threshold
+        if threshold <= 0 or n == 1:
+            return torch.full((at.shape[0],), n - 1, dtype=torch.long, device=at.device)
+        top = torch.softmax(at[:, 1:].float(), dim=-1).amax(dim=-1)  # (B, n - 1)
+        return (top.cumprod(dim=1) >= threshold).sum(dim=1)  # a cumprod only falls
 
     def advance(self, model: DecoderModel, cache: Any, state: DecodingState) -> None:
-        fed: torch.Tensor = state.scratch["fed"]  # (B, n)
-        B, n = fed.shape
-        live = state.live_mask(fed.device) if any(state.finished) else None
+        proposals: torch.Tensor = state.scratch["fed"]  # (B, n)
+        B, n = proposals.shape
+        live = state.live_mask(proposals.device) if any(state.finished) else None
+        drafted: torch.Tensor = state.scratch["draft"]
         if live is not None:
-            fed = fed.masked_fill(~live[:, None], state.pad_id)
+            proposals = proposals.masked_fill(~live[:, None], state.pad_id)
+            drafted = drafted.masked_fill(~live, 0)
+        # One width for the batch: the widest live row's. Narrower rows' extra proposals are
+        # verified like any other (exact stays exact); they only cost the wider call.
+        w = n if self.options.draft_threshold <= 0 else 1 + int(drafted.max())
+        fed = proposals[:, :w]
         before = cache.lengths.clone()
-        logits = model.step(fed, cache, num_heads=n)  # (B, n, n, V)
+        logits = model.step(fed, cache, num_heads=n)  # (B, w, n, V)
 
         # Every head's token after every fed position: one argmax serves both the check (head
         # 1, all positions) and the next proposals (heads 2..n at the last kept position).
-        best = fast_argmax(logits)  # (B, n, n)
-        own = best[:, :, 0]  # g_0 .. g_{n-1}
+        best = fast_argmax(logits)  # (B, w, n)
+        own = best[:, :, 0]  # g_0 .. g_{w-1}
         if self.options.verify == "exact":
             ok = fed[:, 1:] == own[:, :-1]
         else:
             # p_j is in head 1's top N at j - 1 when fewer than N logits beat its own (a rank
             # count: cheaper than topk, and it keeps ties with the N-th instead of picking one)
-            head1 = logits[:, :-1, 0]  # (B, n - 1, V)
+            head1 = logits[:, :-1, 0]  # (B, w - 1, V)
             mine = head1.gather(2, fed[:, 1:, None])
             ok = (head1 > mine).sum(dim=-1) < self.options.topk
         kept = ok.long().cumprod(dim=1).sum(dim=1)  # (B,) proposals accepted: a
         # [g_a, heads 2..n at a] is exactly the next call's [y, p_1 .. p_{n-1}]
         state.scratch["fed"] = best.gather(1, kept[:, None, None].expand(B, 1, n))[:, 0]
+        if self.options.draft_threshold > 0:
+            rows = torch.arange(B, device=kept.device)
+            state.scratch["draft"] = self._drafted(logits[rows, kept])
         if self.options.verify == "exact":
             block = own  # p_1 .. p_a equal g_0 .. g_{a-1}, and g_a is the bonus
         else:  # p_1 .. p_a, then g_a
-            first = torch.arange(n, device=fed.device)[None, :] < kept[:, None]
+            first = torch.arange(w, device=fed.device)[None, :] < kept[:, None]
             block = torch.where(first, fed.roll(-1, dims=1), own)
         # The cache keeps y p_1 .. p_a, but never more than the row may still append: a row cut
         # by its length limit inside the block (or finished before) keeps only what fits, so

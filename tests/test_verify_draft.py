@@ -1,0 +1,122 @@
+"""Confidence-gated drafting in verification (``draft_threshold``): the output stays greedy's
+token for token whatever the threshold, each call feeds y and exactly the proposals whose
+chained confidence clears the threshold (the widest live row's count), and the bench and CLI
+spell it ``verify-exact@P`` and ``--draft-threshold P``."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import pytest
+import torch
+from helpers import record_steps
+from test_verify import DURATIONS, LENS, run, trained
+
+from speechllama.bench_methods import parse_methods
+from speechllama.cli.transcribe import add_decoding_args, decoding_options
+from speechllama.decoding import DecodingOptions, get_strategy
+
+torch.set_num_threads(1)
+K = 4
+
+
+@pytest.fixture(scope="module", params=["latent", "layer"])
+def fitted(request: pytest.FixtureRequest):
+    return trained(request.param)
+
+
+def _widths(model, audio, lens, monkeypatch, **opts) -> tuple[list, list[int]]:
+    widths = record_steps(model, monkeypatch, lambda tokens, *_: tokens.shape[1])
+    out = run(model, audio, lens, strategy="verify", **opts)
+    monkeypatch.undo()
+    return out, widths
+
+
+@pytest.mark.parametrize("threshold", [1e-6, 0.3, 0.7, 1.0])
+def test_any_threshold_keeps_greedy_output(fitted, threshold, monkeypatch):
+    model, audio, lens = fitted
+    greedy = run(model, audio, lens, strategy="greedy")
+    full, full_widths = _widths(model, audio, lens, monkeypatch)
+    out, widths = _widths(model, audio, lens, monkeypatch, draft_threshold=threshold)
+    assert [d.tokens for d in out] == [d.tokens for d in greedy]
+    for d in out:
+        assert sum(i * c for i, c in enumerate(d.accepted_per_call)) == len(d.tokens)
+    assert set(full_widths) == {K}  # every fixed-width call feeds K
+    calls = sum(d.decoder_calls for d in out)
+    assert calls >= sum(d.decoder_calls for d in full)  # fewer proposals never save a call
+    if threshold == 1e-6:  # every proposal clears it: the fixed-width run exactly
+        assert widths == full_widths
+        assert [d.accepted_per_call for d in out] == [d.accepted_per_call for d in full]
+    else:  # batched, the widest row decides: never wider than fixed, narrower at 1.0
+        assert max(widths) <= K and (threshold < 1.0 or sum(widths) < sum(full_widths))
+    for b, m in enumerate(LENS):  # batched and alone agree
+        alone = run(model, audio[b : b + 1, :m], lens[b : b + 1], DURATIONS[b : b + 1],
+                    strategy="verify", draft_threshold=threshold)  # fmt: skip
+        assert alone[0].tokens == out[b].tokens
+
+
+def test_a_middle_threshold_mixes_widths(fitted, monkeypatch):
+    """Not vacuous: one row at a time, the fitted models are confident about some proposals
+    and not others, so calls of several widths occur and fewer tokens are fed in all."""
+    model, audio, lens = fitted
+    widths: list[int] = []
+    for b, m in enumerate(LENS):
+        one = (audio[b : b + 1, :m], lens[b : b + 1])
+        widths += _widths(model, *one, monkeypatch, durations=DURATIONS[b : b + 1],
+                          draft_threshold=0.5)[1]  # fmt: skip
+    assert len(set(widths)) >= 2, widths
+    assert sum(widths) < K * len(widths)
+
+
+def _logged_row(model, monkeypatch, b: int, m: int, audio, lens, threshold: float):
+    """Row b decoded alone; (its result, [(width fed, cache length before, logits)] per step)."""
+    logged: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    real_step = model.step
+
+    def spy(tokens, cache, tree_mask=None, num_heads=None):
+        before = cache.lengths.clone()
+        logits = real_step(tokens, cache, tree_mask, num_heads)
+        logged.append((tokens.shape[1], before, logits))
+        return logits
+
+    monkeypatch.setattr(model, "step", spy)
+    out = run(model, audio[b : b + 1, :m], lens[b : b + 1], DURATIONS[b : b + 1],
+              strategy="verify", draft_threshold=threshold)  # fmt: skip
+    monkeypatch.undo()
+    return out[0], logged
+
+
+def test_each_call_feeds_the_proposals_whose_chained_confidence_clears_it(fitted, monkeypatch):
+    """One row at a time: the width of call i + 1 follows from call i's logits at the kept
+    position (heads 2..n's top probabilities, multiplied along the chain)."""
+    model, audio, lens = fitted
+    threshold = 0.5
+    checked = 0
+    for b, m in enumerate(LENS):
+        out, logged = _logged_row(model, monkeypatch, b, m, audio, lens, threshold)
+        assert len(logged) == sum(out.accepted_per_call) - 1  # the prefill is not a step
+        for (_, before, logits), (width, after, _) in itertools.pairwise(logged):
+            kept = int(after[0] - before[0]) - 1  # proposals accepted in the earlier call
+            top = torch.softmax(logits[0, kept, 1:].float(), dim=-1).amax(dim=-1)
+            assert width == 1 + int((top.cumprod(0) >= threshold).sum())
+            checked += 1
+    assert checked >= 10
+
+
+def test_threshold_is_checked_and_spelled_in_bench_and_cli():
+    with pytest.raises(ValueError, match="draft threshold"):
+        get_strategy(DecodingOptions(strategy="verify", draft_threshold=1.5))
+    with pytest.raises(ValueError, match="draft threshold"):
+        get_strategy(DecodingOptions(strategy="verify", draft_threshold=-0.1))
+    _, plain, gated = parse_methods("verify-exact,verify-exact@0.30+compiled", DecodingOptions())
+    assert plain.options.draft_threshold == 0.0
+    assert (gated.name, gated.options.draft_threshold) == ("verify-exact@0.3+compiled", 0.3)
+    assert gated.compiled and gated.options.verify == "exact"
+    for bad in ("verify-exact@0", "verify-exact@1.2", "verify-exact@x"):
+        with pytest.raises(ValueError, match="verify-exact@"):
+            parse_methods(bad, DecodingOptions())
+    parser = argparse.ArgumentParser()
+    add_decoding_args(parser)
+    args = parser.parse_args(["--decoding", "verify", "--draft-threshold", "0.4"])
+    assert decoding_options(args).draft_threshold == 0.4
