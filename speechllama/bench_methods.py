@@ -1,12 +1,12 @@
 """What ``speechllama bench`` can run: named methods and the runners that decode one batch of
 shared audio embeddings with them.
 
-Methods are named ``family`` or ``family@ARG`` (``threshold@0.8``, ``verify-exact@0.3``
-(confidence-gated drafting), ``verify-topk@3``, ``tree@3-2-1``, ``beam@4``, ``prefix-beam@4``,
-``prefix-beam-rescored@4``), with ``+compiled`` after any of our own for the same strategy on
-compiled decoder calls; each family is one ``@register_method`` parser, so adding one is one
-function here and nothing else. A method whose strategy is not installed, that needs K > 1
-heads on a K = 1 model, or whose peer library is missing is skipped with a note
+Methods are named ``family`` or ``family@ARG`` (``threshold@0.8``, ``verify-exact@0.3`` and
+``tree-draft@0.1`` (confidence-gated drafting), ``verify-topk@3``, ``tree@3-2-1``, ``beam@4``,
+``prefix-beam@4``, ``prefix-beam-rescored@4``), with ``+compiled`` after any of our own for the
+same strategy on compiled decoder calls; each family is one ``@register_method`` parser, so
+adding one is one function here and nothing else. A method whose strategy is not installed, that
+needs K > 1 heads on a K = 1 model, or whose peer library is missing is skipped with a note
 (:func:`build_runners`). Greedy always runs: it is the reference.
 """
 
@@ -118,6 +118,14 @@ def _verify_topk(arg: str | None, base: DecodingOptions) -> Method:
     if n < 1:
         raise ValueError(f"method verify-topk@{arg}: N must be at least 1")
     return _strategy(f"verify-topk@{n}", base, True, strategy="verify", verify="topk", topk=n)
+
+
+@register_method("tree-draft", "tree-draft@P, 0 < P <= 1 (the default tree, pruned per call)")
+def _tree_draft(arg: str | None, base: DecodingOptions) -> Method:
+    p = _number("tree-draft", arg, float)
+    if not 0 < p <= 1:
+        raise ValueError(f"method tree-draft@{arg}: the draft threshold must lie in (0, 1]")
+    return _strategy(f"tree-draft@{p:g}", base, True, strategy="tree", draft_threshold=p)
 
 
 @register_method("tree", "tree or tree@3-2-1 (candidates per depth)")

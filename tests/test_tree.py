@@ -225,17 +225,19 @@ def test_top1_chain_is_verify_and_the_tree_keeps_more_per_call() -> None:
 # --- cache, fewer heads ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("draft", [0.0, 0.3])
 @pytest.mark.parametrize("kind", ["latent", "layer"])
-def test_cache_after_tree_decoding_equals_greedys(kind: str, monkeypatch) -> None:
+def test_cache_after_tree_decoding_equals_greedys(kind: str, draft: float, monkeypatch) -> None:
     """Every slot below each row's length (trunk layers and ``layer`` heads' cache layers)
     holds what greedy's transcript puts there: the kept path was compacted, the rest rolled
     back. Greedy computes head 1 only (its cache has no head layers), so the reference is one
-    cached all-heads call over [audio][BOS] + greedy's tokens."""
+    cached all-heads call over [audio][BOS] + greedy's tokens. ``draft``: pruned trees."""
     model = _model(kind)
     real_new_cache = model.new_cache
     caches = _record_caches(model, monkeypatch)
     # no compaction: every row's cache is still there at the end
-    greedy, tree = _decode(model, strategy="greedy"), _decode(model, strategy="tree", compact=False)
+    greedy = _decode(model, strategy="greedy")
+    tree = _decode(model, strategy="tree", compact=False, draft_threshold=draft)
     got = caches[1]
     audio, lens, _ = _data()
     width = max(len(d.tokens) for d in greedy)

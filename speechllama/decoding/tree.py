@@ -24,10 +24,19 @@ acceptance): every row's slots and positions start at its own cache length.
 
 With heads 2..K trained, a top-1 chain tree (``tree=(1, 1, 1)``) is exactly the paper's
 verification decoding; wider trees buy more accepted tokens per call for a wider call.
+
+Confidence-gated drafting (``draft_threshold`` P > 0, as in :mod:`.verify`): each call feeds
+only the nodes whose chained confidence (the product of their path's candidate probabilities,
+each the softmax probability its head gave it) is at least P, a pruned tree that changes from
+call to call. A node's chained confidence never exceeds its parent's, so the kept nodes always
+form a tree; batched, a node is fed when any live row keeps it. Which nodes are fed never
+changes which are verified, so the output stays greedy's. Pruned trees are built once per node
+set (``_Pruned``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +44,7 @@ import torch
 
 from speechllama.decoding.base import DecoderModel, DecodingState, Strategy
 from speechllama.decoding.options import DecodingOptions
-from speechllama.decoding.tree_shape import TreeShape, build_tree
+from speechllama.decoding.tree_shape import TreeShape, build_tree, tree_from_paths
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,34 @@ class _Tree:
         widest = max(self.shape.widths, default=0)
         return logits[:, 1 : 1 + self.shape.depth].topk(widest, dim=-1).indices
 
+    def confidence(self, logits: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        """(B, k) log of each node's chained confidence (the root's 0): the sum over its path of
+        log softmax probabilities of its candidates, ``proposals`` (B, L, R) from ``logits``
+        (B, n, V) at the same position."""
+        heads = logits[:, 1 : 1 + self.shape.depth].float().log_softmax(dim=-1)
+        own = heads.gather(2, proposals)[:, self.level, self.rank]  # (B, N)
+        nodes = torch.cat([own.new_zeros(own.shape[0], 1), own], dim=1)  # (B, k)
+        return nodes @ self.mask.T.to(nodes.dtype)  # row i sums its ancestors and itself
+
+
+class _Pruned:
+    """The sub-trees of one full tree that confidence-gated drafting feeds, built once per set
+    of kept nodes (a call costs a host read of that set, not a rebuild)."""
+
+    def __init__(self, full: _Tree) -> None:
+        self.full = full
+        self.built: dict[tuple[int, ...], _Tree] = {}
+
+    def __call__(self, keep: torch.Tensor) -> _Tree:
+        """``keep`` (k,) bool, closed under ancestors (root included) -> that sub-tree."""
+        nodes = tuple(i for i, kept in enumerate(keep.tolist()) if kept)
+        tree = self.built.get(nodes)
+        if tree is None:
+            paths = [self.full.shape.paths[i] for i in nodes]
+            tree = _Tree.build(tree_from_paths(paths), self.full.mask.device)
+            self.built[nodes] = tree
+        return tree
+
 
 class TreeDecoder(Strategy):
     """Tree verification with exact agreement (candidate == head 1's argmax at its parent).
@@ -97,6 +134,8 @@ class TreeDecoder(Strategy):
             shape = shape[: options.num_heads - 1]
         if options.tree_max_nodes < 1:
             raise ValueError(f"tree_max_nodes={options.tree_max_nodes} must be at least 1")
+        if not 0 <= options.draft_threshold <= 1:
+            raise ValueError(f"draft threshold must lie in [0, 1], got {options.draft_threshold}")
         self.max_nodes = options.tree_max_nodes
         self.shape = build_tree(shape, self.max_nodes)
         # A model with fewer heads only shrinks the tree, so this bounds every call's width.
@@ -119,21 +158,35 @@ class TreeDecoder(Strategy):
         first = logits[:, 0, 0].argmax(dim=-1)  # (B,)
         state.accept_blocks(first[:, None], torch.ones_like(first))
         state.shared["tree"] = tree
+        if self.options.draft_threshold > 0:
+            state.shared["pruned"] = _Pruned(tree)
         state.scratch["last"] = first
-        state.scratch["proposals"] = tree.propose(logits[:, 0])
+        self._propose(tree, logits[:, 0], state)
+
+    def _propose(self, tree: _Tree, at: torch.Tensor, state: DecodingState) -> None:
+        """Proposals (and with drafting, each node's log confidence) from ``at`` (B, n, V)."""
+        state.scratch["proposals"] = tree.propose(at)
+        if self.options.draft_threshold > 0:
+            state.scratch["confidence"] = tree.confidence(at, state.scratch["proposals"])
 
     def advance(self, model: DecoderModel, cache: Any, state: DecodingState) -> None:
-        tree: _Tree = state.shared["tree"]
+        full: _Tree = state.shared["tree"]
         last: torch.Tensor = state.scratch["last"]  # (B,) last kept token, not in the cache
         proposals: torch.Tensor = state.scratch["proposals"]  # (B, L, R)
-        L = tree.shape.depth
         B = last.shape[0]
         live = state.live_mask(last.device)
+        tree = full
+        if self.options.draft_threshold > 0:  # feed the nodes some live row is confident of
+            sure = state.scratch["confidence"] >= math.log(self.options.draft_threshold)
+            tree = state.shared["pruned"]((sure & live[:, None]).any(dim=0) | full.depths.eq(0))
+        L = tree.shape.depth
         fed = torch.cat([last[:, None], proposals[:, tree.level, tree.rank]], dim=1)  # (B, k)
         fed = fed.masked_fill(~live[:, None], state.pad_id)
 
         before = cache.lengths.clone()
-        logits = model.step(fed, cache, tree_mask=tree.mask, num_heads=L + 1)  # (B, k, n, V)
+        # Heads 2..L_full + 1 propose the next call's (full) tree whatever this call feeds.
+        n = full.shape.depth + 1
+        logits = model.step(fed, cache, tree_mask=tree.mask, num_heads=n)  # (B, k, n, V)
         own = logits[:, :, 0].argmax(dim=-1)  # (B, k): what greedy emits after each node
 
         # Verified: own token == head 1 at the parent, for the node and all its ancestors.
@@ -159,7 +212,7 @@ class TreeDecoder(Strategy):
         cache.copy_slots(before[:, None] + path, before[:, None] + steps)
         cache.truncate(before + count)
         state.scratch["last"] = bonus[:, 0]
-        state.scratch["proposals"] = tree.propose(logits[torch.arange(B, device=best.device), best])
+        self._propose(full, logits[torch.arange(B, device=best.device), best], state)
         state.accept_blocks(block, count)
 
 
