@@ -78,6 +78,14 @@ def _number(family: str, arg: str | None, kind: type, default: Any = None) -> An
         raise ValueError(f"method {family}@{arg}: {arg!r} is not a {kind.__name__}") from None
 
 
+def _probability(family: str, arg: str | None, what: str) -> float:
+    """``family@P``'s P, which must lie in (0, 1]; ``what`` names it in the error."""
+    p = _number(family, arg, float)
+    if not 0 < p <= 1:
+        raise ValueError(f"method {family}@{arg}: the {what} must lie in (0, 1]")
+    return p
+
+
 def _strategy(name: str, base: DecodingOptions, multi: bool, **fields: Any) -> Method:
     return Method(name, "strategy", dataclasses.replace(base, **fields), multi_token=multi)
 
@@ -95,9 +103,7 @@ def _greedy(arg: str | None, base: DecodingOptions) -> Method:
 
 @register_method("threshold", "threshold@T, 0 < T <= 1")
 def _threshold(arg: str | None, base: DecodingOptions) -> Method:
-    t = _number("threshold", arg, float)
-    if not 0 < t <= 1:
-        raise ValueError(f"method threshold@{arg}: the threshold must lie in (0, 1]")
+    t = _probability("threshold", arg, "threshold")
     return _strategy(f"threshold@{t:g}", base, True, strategy="threshold", threshold=t)
 
 
@@ -105,9 +111,7 @@ def _threshold(arg: str | None, base: DecodingOptions) -> Method:
 def _verify_exact(arg: str | None, base: DecodingOptions) -> Method:
     if arg is None:
         return _strategy("verify-exact", base, True, strategy="verify", verify="exact")
-    p = _number("verify-exact", arg, float)
-    if not 0 < p <= 1:
-        raise ValueError(f"method verify-exact@{arg}: the draft threshold must lie in (0, 1]")
+    p = _probability("verify-exact", arg, "draft threshold")
     return _strategy(f"verify-exact@{p:g}", base, True, strategy="verify", verify="exact",
                      draft_threshold=p)  # fmt: skip
 
@@ -122,9 +126,7 @@ def _verify_topk(arg: str | None, base: DecodingOptions) -> Method:
 
 @register_method("tree-draft", "tree-draft@P, 0 < P <= 1 (the default tree, pruned per call)")
 def _tree_draft(arg: str | None, base: DecodingOptions) -> Method:
-    p = _number("tree-draft", arg, float)
-    if not 0 < p <= 1:
-        raise ValueError(f"method tree-draft@{arg}: the draft threshold must lie in (0, 1]")
+    p = _probability("tree-draft", arg, "draft threshold")
     return _strategy(f"tree-draft@{p:g}", base, True, strategy="tree", draft_threshold=p)
 
 
