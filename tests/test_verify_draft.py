@@ -120,3 +120,36 @@ def test_threshold_is_checked_and_spelled_in_bench_and_cli():
     add_decoding_args(parser)
     args = parser.parse_args(["--decoding", "verify", "--draft-threshold", "0.4"])
     assert decoding_options(args).draft_threshold == 0.4
+
+
+def test_draft_widths_script(tmp_path, capsys):
+    """scripts/draft_widths.py on a tiny checkpoint: one JSON line per threshold, every
+    transcript greedy's, fixed width K, narrower calls when gated."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from test_transcribe import SENTENCES, write_wav
+
+    from speechllama.checkpoint import save_checkpoint
+    from speechllama.model.config import HeadsConfig, preset
+    from speechllama.model.speechllama import SpeechLLaMA
+    from speechllama.text import train_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("draft_widths", root / "scripts/draft_widths.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tok = train_tokenizer(SENTENCES, tmp_path / "tokenizer.model", vocab_size=40)
+    torch.manual_seed(0)
+    config = preset("tiny", tok.vocab_size).replace(heads=HeadsConfig("latent", K))
+    ckpt = save_checkpoint(SpeechLLaMA(config).eval(), tok, tmp_path / "ckpt")
+    rows = [{"audio_filepath": str(write_wav(tmp_path / f"{i}.wav", 0.6 + 0.3 * i, seed=i)),
+             "text": "a", "duration": 0.6 + 0.3 * i} for i in range(3)]  # fmt: skip
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script.main([str(manifest), "--model", str(ckpt), "--thresholds", "0,0.5"])
+    fixed, gated = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert fixed["same_as_greedy"] == gated["same_as_greedy"] == fixed["utterances"] == 3
+    assert fixed["fed_per_step"] == K and list(fixed["width_hist"]) == [str(K)]
+    assert gated["fed_per_step"] < K  # random heads are never that sure
