@@ -64,7 +64,7 @@ def test_joint_continuation_trains_trunk_and_heads_from_cached_encoder_outputs(t
     assert next(e for e in events if e["event"] == "end")["step"] == 2
     trained = json.loads((exp / "joint" / "best" / "config.json").read_text())["model"]
     k = trained["heads"]["num_heads"]
-    assert trained["heads"]["loss_weights"] == [1.0, 0.2, *[0.1] * (k - 2)][:k]
+    assert trained["heads"]["loss_weights"] == [1.0, 0.4, 0.3, *[0.2] * (k - 3)][:k]
     final = json.loads((exp / "final" / "config.json").read_text())
     assert final["model"]["heads"]["kind"] == _heads_config(DEFAULT)["kind"]
     assert final["model"]["heads"]["num_heads"] == k

@@ -30,7 +30,8 @@
 #   --mix "M1 M2"      manifests added to the new audio, e.g. fsdd-train: leaving the real
 #                      digits out cost fsdd-test 3.0% -> 7.7% WER in session 10's run []
 #   --mode M           joint | split (above) [joint]
-#   --head-weights "W1 .. WK"  joint: one loss weight per head [1 0.2 0.1 0.1 ..]
+#   --head-weights "W1 .. WK"  joint: one loss weight per head [1 0.4 0.3 0.2 ..; session
+#                      15 chose them over 1 0.2 0.1 0.1 on dev and real-smoke, docs/heads.md]
 #   --ctc W            weight of the CTC loss on a fresh adapter CTC head; 0: none [0.3]
 #   --cache-copies N   cached encoder outputs per utterance, 1 clean + N-1 augmented; 0:
 #                      the encoder online [2]
@@ -133,7 +134,7 @@ print(h['num_heads'], h['kind'])" "$from/config.json")
 if [ "$mode" = joint ]; then
   if [ -z "$head_weights" ]; then
     head_weights=$(python3 -c "import sys; k = int(sys.argv[1])
-print(' '.join(['1', '0.2', *['0.1'] * (k - 2)][:k]))" "${heads% *}")
+print(' '.join(['1', '0.4', '0.3', *['0.2'] * (k - 3)][:k]))" "${heads% *}")
   fi
   read -r -a weights <<< "$head_weights"
   log "joint: $steps steps of the whole model and its ${heads% *} ${heads#* } heads (weights $head_weights), CTC $ctc, from $from"
