@@ -155,6 +155,15 @@ def fast_argmax(x: torch.Tensor) -> torch.Tensor:
 MAX_DEFAULT_HEADS = 8
 
 
+def draft_threshold(options: DecodingOptions) -> float:
+    """``options.draft_threshold`` of the strategies that gate their proposals on it (verify,
+    tree), checked: a probability in [0, 1]; 0 feeds every proposal."""
+    p = options.draft_threshold
+    if not 0 <= p <= 1:
+        raise ValueError(f"draft threshold must lie in [0, 1], got {p}")
+    return p
+
+
 def block_lookahead(options: DecodingOptions) -> int:
     """The ``lookahead`` of a strategy that feeds up to ``num_heads`` tokens per call."""
     return options.num_heads or MAX_DEFAULT_HEADS

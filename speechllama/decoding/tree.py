@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from speechllama.decoding.base import DecoderModel, DecodingState, Strategy
+from speechllama.decoding.base import DecoderModel, DecodingState, Strategy, draft_threshold
 from speechllama.decoding.options import DecodingOptions
 from speechllama.decoding.tree_shape import TreeShape, build_tree, tree_from_paths
 
@@ -134,8 +134,7 @@ class TreeDecoder(Strategy):
             shape = shape[: options.num_heads - 1]
         if options.tree_max_nodes < 1:
             raise ValueError(f"tree_max_nodes={options.tree_max_nodes} must be at least 1")
-        if not 0 <= options.draft_threshold <= 1:
-            raise ValueError(f"draft threshold must lie in [0, 1], got {options.draft_threshold}")
+        self.draft = draft_threshold(options)
         self.max_nodes = options.tree_max_nodes
         self.shape = build_tree(shape, self.max_nodes)
         # A model with fewer heads only shrinks the tree, so this bounds every call's width.
@@ -158,7 +157,7 @@ class TreeDecoder(Strategy):
         first = logits[:, 0, 0].argmax(dim=-1)  # (B,)
         state.accept_blocks(first[:, None], torch.ones_like(first))
         state.shared["tree"] = tree
-        if self.options.draft_threshold > 0:
+        if self.draft > 0:
             state.shared["pruned"] = _Pruned(tree)
         state.scratch["last"] = first
         self._propose(tree, logits[:, 0], state)
@@ -166,7 +165,7 @@ class TreeDecoder(Strategy):
     def _propose(self, tree: _Tree, at: torch.Tensor, state: DecodingState) -> None:
         """Proposals (and with drafting, each node's log confidence) from ``at`` (B, n, V)."""
         state.scratch["proposals"] = tree.propose(at)
-        if self.options.draft_threshold > 0:
+        if self.draft > 0:
             state.scratch["confidence"] = tree.confidence(at, state.scratch["proposals"])
 
     def advance(self, model: DecoderModel, cache: Any, state: DecodingState) -> None:
@@ -176,8 +175,8 @@ class TreeDecoder(Strategy):
         B = last.shape[0]
         live = state.live_mask(last.device)
         tree = full
-        if self.options.draft_threshold > 0:  # feed the nodes some live row is confident of
-            sure = state.scratch["confidence"] >= math.log(self.options.draft_threshold)
+        if self.draft > 0:  # feed the nodes some live row is confident of
+            sure = state.scratch["confidence"] >= math.log(self.draft)
             tree = state.shared["pruned"]((sure & live[:, None]).any(dim=0) | full.depths.eq(0))
         L = tree.shape.depth
         fed = torch.cat([last[:, None], proposals[:, tree.level, tree.rank]], dim=1)  # (B, k)

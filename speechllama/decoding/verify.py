@@ -66,6 +66,7 @@ from speechllama.decoding.base import (
     DecodingState,
     Strategy,
     block_lookahead,
+    draft_threshold,
     fast_argmax,
     heads_used,
 )
@@ -86,8 +87,7 @@ class VerifyDecoder(Strategy):
             raise ValueError(f"verify mode {options.verify!r}; choose one of {', '.join(MODES)}")
         if options.verify == "topk" and options.topk < 1:
             raise ValueError(f"verify topk needs topk >= 1, got {options.topk}")
-        if not 0 <= options.draft_threshold <= 1:
-            raise ValueError(f"draft threshold must lie in [0, 1], got {options.draft_threshold}")
+        self.draft = draft_threshold(options)
         self.lookahead = block_lookahead(options)
 
     def start(
@@ -98,31 +98,31 @@ class VerifyDecoder(Strategy):
         best = logits[:, 0].argmax(dim=-1)  # (B, n)
         state.accept_blocks(best, torch.ones_like(best[:, 0]))
         state.scratch["fed"] = best  # the next call feeds [y, p_1 .. p_{n-1}]
-        state.scratch["draft"] = self._drafted(logits[:, 0])
+        if self.draft > 0:
+            state.scratch["draft"] = self._drafted(logits[:, 0])
 
     def _drafted(self, at: torch.Tensor) -> torch.Tensor:
         """(B,) how many of the proposals at ``at`` (B, n, V: every head's logits at the last
-        kept position) the next call feeds: all n - 1 at ``draft_threshold`` 0, else the longest
-        prefix p_1 .. p_m whose chained confidence (the product of heads 2..m+1's top
-        probabilities) stays at or above the threshold."""
-        n = at.shape[1]
-        threshold = self.options.draft_threshold
-        if threshold <= 0 or n == 1:
-            return torch.full((at.shape[0],), n - 1, dtype=torch.long, device=at.device)
+        kept position) the next call feeds: the longest prefix p_1 .. p_m whose chained
+        confidence (the product of heads 2..m+1's top probabilities) stays at or above the
+        draft threshold. Only called when gating (threshold > 0)."""
         top = torch.softmax(at[:, 1:].float(), dim=-1).amax(dim=-1)  # (B, n - 1)
-        return (top.cumprod(dim=1) >= threshold).sum(dim=1)  # a cumprod only falls
+        return (top.cumprod(dim=1) >= self.draft).sum(dim=1)  # a cumprod only falls
 
     def advance(self, model: DecoderModel, cache: Any, state: DecodingState) -> None:
         proposals: torch.Tensor = state.scratch["fed"]  # (B, n)
         B, n = proposals.shape
         live = state.live_mask(proposals.device) if any(state.finished) else None
-        drafted: torch.Tensor = state.scratch["draft"]
         if live is not None:
             proposals = proposals.masked_fill(~live[:, None], state.pad_id)
-            drafted = drafted.masked_fill(~live, 0)
-        # One width for the batch: the widest live row's. Narrower rows' extra proposals are
-        # verified like any other (exact stays exact); they only cost the wider call.
-        w = n if self.options.draft_threshold <= 0 else 1 + int(drafted.max())
+        w = n
+        if self.draft > 0:
+            # One width for the batch: the widest live row's. Narrower rows' extra proposals
+            # are verified like any other (exact stays exact); they only cost the wider call.
+            drafted: torch.Tensor = state.scratch["draft"]
+            if live is not None:
+                drafted = drafted.masked_fill(~live, 0)
+            w = 1 + int(drafted.max())
         fed = proposals[:, :w]
         before = cache.lengths.clone()
         logits = model.step(fed, cache, num_heads=n)  # (B, w, n, V)
@@ -142,7 +142,7 @@ class VerifyDecoder(Strategy):
         kept = ok.long().cumprod(dim=1).sum(dim=1)  # (B,) proposals accepted: a
         # [g_a, heads 2..n at a] is exactly the next call's [y, p_1 .. p_{n-1}]
         state.scratch["fed"] = best.gather(1, kept[:, None, None].expand(B, 1, n))[:, 0]
-        if self.options.draft_threshold > 0:
+        if self.draft > 0:
             rows = torch.arange(B, device=kept.device)
             state.scratch["draft"] = self._drafted(logits[rows, kept])
         if self.options.verify == "exact":
