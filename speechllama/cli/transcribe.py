@@ -77,7 +77,7 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--verify", choices=("exact", "topk"), help="agreement test (verify strategy)")
     g.add_argument("--topk", type=int, help="top-k for relaxed verification")
     g.add_argument("--draft-threshold", type=float, metavar="P",
-                   help="verify: feed only the proposals whose chained head confidence is at "
+                   help="verify, tree: feed only the proposals whose chained head confidence is at "
                    "least P, so unlikely ones do not widen the call (default: 0, feed all; "
                    "exact verification stays greedy's output)")  # fmt: skip
     g.add_argument(
