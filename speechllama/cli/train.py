@@ -20,6 +20,8 @@ _EPILOG = """examples:
       # heads only: head 1 and the trunk stay as they are, the trunk runs once per utterance
   speechllama train --train data/train.jsonl --dev data/dev.jsonl --init exp/mtp4/best \\
       --mwer --mwer-nbest 4 --max-steps 500 --lr 1e-4 --warmup 50 --out exp/mtp4-mwer
+  speechllama train --train data/train.jsonl --dev data/dev.jsonl --init exp/mtp4/best \
+      --lm-text data/text/train.txt --out exp/mtp4-lm    # + 32 text-only sentences a step
   torchrun --nproc_per_node 4 -m speechllama train --train data/train.jsonl \\
       --dev data/dev.jsonl --preset small --text data/text.txt --out exp/small4
       # 4 processes (GPUs, or CPU with gloo): --max-duration is per rank and micro-batch
@@ -174,6 +176,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="add the reference to every list that lacks it (default: lists as decoded)",
     )
 
+    lm = p.add_argument_group("text-only language-model batches")
+    lm.add_argument(
+        "--lm-text",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="sentences without audio (one per line, .gz or id<TAB>text .tsv) that train the "
+        "decoder as an LM alongside the speech; the dev set's sentences are dropped from them",
+    )
+    lm.add_argument(
+        "--lm-batch-size", type=int, default=32, metavar="N", help="sentences per step (32)"
+    )
+    lm.add_argument(
+        "--lm-weight", type=float, default=0.3, metavar="W", help="their loss weight (0.3)"
+    )
+
     aug = p.add_argument_group("augmentation and encoder cache")
     aug.add_argument(
         "--spec-augment",
@@ -303,6 +321,9 @@ def _run(args: argparse.Namespace) -> int:
         mwer_ce_weight=args.mwer_ce_weight,
         mwer_beam_strategy=args.mwer_beam_strategy,
         mwer_add_reference=args.mwer_add_reference,
+        lm_text=tuple(args.lm_text),
+        lm_batch_size=args.lm_batch_size,
+        lm_weight=args.lm_weight,
     )
     result = train(cfg)
     if launched_rank():

@@ -44,6 +44,9 @@ class TrainConfig:
     ``mwer_nbest``-best lists from the beam search ``mwer_beam_strategy`` (``prefix-beam``,
     which is ``beam`` for a one-head model, or ``beam``), loss = MWER + ``mwer_ce_weight`` * the
     usual loss; ``mwer_add_reference`` puts the reference into every list (``train/mwer.py``).
+    ``lm_text``: corpus files whose sentences, without audio, train the decoder as a language
+    model: each step adds ``lm_batch_size`` of them and ``lm_weight`` * their loss
+    (``train/text_only.py``).
     """
 
     train_manifest: str
@@ -101,6 +104,9 @@ class TrainConfig:
     mwer_ce_weight: float = 0.01
     mwer_beam_strategy: str = "prefix-beam"
     mwer_add_reference: bool = False
+    lm_text: tuple[str, ...] = ()
+    lm_batch_size: int = 32
+    lm_weight: float = 0.3
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -133,6 +139,8 @@ class TrainConfig:
             raise ValueError("--fsdp does not combine with --freeze or --mwer")
         if self.mwer:
             self._check_mwer()
+        if self.lm_text:
+            self._check_lm()
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(
                 f"save_dtype must be float32, bfloat16 or float16, not {self.save_dtype}"
@@ -150,6 +158,14 @@ class TrainConfig:
                 f"--mwer-beam-strategy {self.mwer_beam_strategy!r}: choose beam or prefix-beam"
             )
 
+    def _check_lm(self) -> None:
+        if self.lm_batch_size <= 0:
+            raise ValueError(f"--lm-batch-size must be positive, got {self.lm_batch_size}")
+        if not self.lm_weight > 0:
+            raise ValueError(f"--lm-weight must be positive, got {self.lm_weight}")
+        if self.mwer:
+            raise ValueError("--lm-text does not combine with --mwer")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -160,7 +176,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown train config keys: {sorted(unknown)}")
         values = dict(data)
-        for key in ("betas", "text", "head_loss_weights", "freeze"):
+        for key in ("betas", "text", "head_loss_weights", "freeze", "lm_text"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         return cls(**values)

@@ -46,6 +46,7 @@ from speechllama.train.mwer import MwerObjective
 from speechllama.train.schedule import build_optimizer, build_scheduler
 from speechllama.train.setup import prepare_data
 from speechllama.train.step import compute_loss
+from speechllama.train.text_only import TextCorpus
 from speechllama.train.validate import validate
 
 
@@ -104,6 +105,7 @@ class Trainer:
         with distributed.main_first(self.dist):  # rank 0 builds the caches, the others read
             self.data = prepare_data(cfg, model, tokenizer, self.device, out, hidden=plan.hidden)
         self.mwer = MwerObjective.for_run(cfg, tokenizer, self.data) if cfg.mwer else None
+        self.text = self._text_corpus()
         self._pin_frozen()  # building caches may have changed train/eval modes
         unused = getattr(model, "ctc_head", None) is not None and not self.ctc_weight
         self.wrapped = distributed.Trainable(
@@ -133,8 +135,9 @@ class Trainer:
         self.best: dict[str, Any] = {}
         self._accum = 0  # micro-batches whose gradients are pending
         self._mark = time.perf_counter()
-        self.window: list[tuple[float, float, float]] = []  # (loss, ce, ctc) per micro-batch
-        self._step_window: list[tuple[float, float, float]] = []  # this step's, this rank's
+        # (loss, ce, ctc, text_ce) per micro-batch; the step's own, this rank's
+        self.window: list[tuple[float, ...]] = []
+        self._step_window: list[tuple[float, ...]] = []
         self._step_audio = 0.0
         self.last_loss = math.nan
         self.grad_norm = math.nan
@@ -142,6 +145,14 @@ class Trainer:
         if state:
             resume.restore(self, state)
         self.log = distributed.main_log(out / "metrics.jsonl", self.dist)
+
+    def _text_corpus(self) -> TextCorpus | None:
+        """The text-only sentences (``--lm-text``), without the dev set's."""
+        if not self.cfg.lm_text:
+            return None
+        if self.data.hidden is not None:
+            raise ValueError("--lm-text needs the trunk to run: not with cached hidden states")
+        return TextCorpus(self.cfg.lm_text, self.tokenizer, exclude=self.data.dev_texts or ())
 
     def _pin_frozen(self) -> None:
         for part in self.cfg.freeze:
@@ -176,6 +187,7 @@ class Trainer:
             device=str(self.device),
             world_size=self.dist.world_size,  # processes; each trains on its share of batches
             ctc_weight=self.ctc_weight,
+            **self._text_stats(),
         )
         quiet = not cfg.progress or not self.dist.is_main
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=quiet)
@@ -227,6 +239,12 @@ class Trainer:
             dev=last_dev,
         )
 
+    def _text_stats(self) -> dict[str, Any]:
+        if self.text is None:
+            return {}
+        return {"lm_sentences": len(self.text), "lm_excluded": self.text.excluded,
+                "lm_too_long": self.text.too_long}  # fmt: skip
+
     def _micro_batches(self) -> Iterator[Batch]:
         """Micro-batches from the sampler position on, epoch after epoch, forever; the counters
         (epoch, batches_done) always say where the next batch comes from."""
@@ -253,6 +271,10 @@ class Trainer:
         """Forward/backward one micro-batch; True when it completed an optimizer step."""
         cfg = self.cfg
         batch = batch.to(self.device)
+        text = {}
+        if self.text is not None:
+            draw = (cfg.lm_batch_size, cfg.seed, self.step, self._accum, self.dist.rank)
+            text = {"text": self.text.batch(*draw).to(self.device), "text_weight": cfg.lm_weight}
         with self.wrapped.accumulating(sync=self._accum + 1 == cfg.grad_accum):
             out = self.wrapped.forward(
                 batch,
@@ -260,11 +282,13 @@ class Trainer:
                 head_weights=self.head_weights,
                 bf16=cfg.bf16,
                 spec_augment=self.data.spec_augment,
+                **text,
             )
             finite = distributed.all_finite(out.total, self.dist)  # every rank skips, or none
             self.wrapped.backward(out.total / cfg.grad_accum, finite, self.params)
         if finite:
-            self._step_window.append((float(out.total.detach()), out.ce, out.ctc))
+            entry = (float(out.total.detach()), out.ce, out.ctc, getattr(out, "text_ce", 0.0))
+            self._step_window.append(entry)
             self.per_head = out.per_head
         else:
             self.log.write("skipped_batch", step=self.step, indices=batch.indices)
@@ -304,6 +328,7 @@ class Trainer:
             loss=self.last_loss,
             ce=sum(w[1] for w in self.window) / n,
             ctc=sum(w[2] for w in self.window) / n,
+            **({"text_ce": sum(w[3] for w in self.window) / n} if self.text else {}),
             per_head=self.per_head,
             lr=self.scheduler.get_last_lr()[0],
             grad_norm=self.grad_norm,

@@ -15,12 +15,15 @@ import torch
 
 from speechllama.train.data import Batch
 from speechllama.train.losses import ctc_loss, head_accuracy_counts, multi_token_loss
+from speechllama.train.text_only import TextBatch, text_logits
 
 
 @dataclass(frozen=True)
 class StepLoss:
-    """``total`` = (1 - ctc_weight) * ce + ctc_weight * ctc, differentiable; the rest detached.
-    ``per_head`` (K,) token-mean CE of each head; ``tokens`` target tokens of head 1.
+    """``total`` = (1 - ctc_weight) * ce + ctc_weight * ctc [+ text_weight * text_ce],
+    differentiable; the rest detached. ``per_head`` (K,) token-mean CE of each head;
+    ``tokens`` target tokens of head 1; ``text_ce`` the weighted head CE of the text-only
+    batch (0 without one, see ``train/text_only.py``).
     ``correct``/``scored`` (K,): top-1 hits and scored positions of each head (only when
     asked for: the argmax over the vocabulary is not free)."""
 
@@ -31,6 +34,7 @@ class StepLoss:
     tokens: int
     correct: tuple[int, ...] = ()
     scored: tuple[int, ...] = ()
+    text_ce: float = 0.0
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -102,12 +106,18 @@ def compute_loss(
     bf16: bool = False,
     spec_augment: torch.nn.Module | None = None,
     accuracy: bool = False,
+    text: TextBatch | None = None,
+    text_weight: float = 0.0,
 ) -> StepLoss:
     """Forward ``batch`` through ``model`` (a SpeechLLaMA) and return its losses; with
-    ``accuracy`` also each head's top-1 hit counts (see ``head_accuracy_counts``)."""
+    ``accuracy`` also each head's top-1 hit counts (see ``head_accuracy_counts``). ``text``: a
+    text-only batch whose loss joins the total with ``text_weight``; it runs inside this one
+    forward so that DDP sees a single pass."""
     device = batch.tokens.device
-    ctc_logits = None
+    ctc_logits = text_out = None
     with autocast(device, bf16):
+        if text is not None:
+            text_out = text_logits(model, text)
         if batch.hidden:
             logits = heads_on_hidden(model, batch, ctc_weight)
         else:
@@ -124,6 +134,11 @@ def compute_loss(
         ctc = ctc_loss(ctc_logits, ctc_lens, batch.ctc_targets, batch.ctc_lens, blank=0)
         total = (1.0 - ctc_weight) * total + ctc_weight * ctc
         ctc_value = float(ctc.detach())
+    text_ce = 0.0
+    if text_out is not None:
+        text_loss = multi_token_loss(text_out, text.labels, text.label_lens, head_weights).total
+        total = total + text_weight * text_loss
+        text_ce = float(text_loss.detach())
     correct: tuple[int, ...] = ()
     scored: tuple[int, ...] = ()
     if accuracy:
@@ -137,4 +152,5 @@ def compute_loss(
         tokens=int(ce.tokens[0]),
         correct=correct,
         scored=scored,
+        text_ce=text_ce,
     )
