@@ -22,6 +22,7 @@ import torch
 
 from speechllama.decoding import DecodingOptions, available_strategies, get_strategy
 from speechllama.decoding.base import decode
+from speechllama.decoding.drafting import is_auto
 
 if TYPE_CHECKING:
     from speechllama.model.compiled import CompiledCalls
@@ -86,6 +87,11 @@ def _probability(family: str, arg: str | None, what: str) -> float:
     return p
 
 
+def _draft(family: str, arg: str | None) -> float | str:
+    """``family@P`` or ``family@auto`` (measured per model, see ``decoding/drafting.py``)."""
+    return "auto" if arg == "auto" else _probability(family, arg, "draft threshold")
+
+
 def _strategy(name: str, base: DecodingOptions, multi: bool, **fields: Any) -> Method:
     return Method(name, "strategy", dataclasses.replace(base, **fields), multi_token=multi)
 
@@ -107,13 +113,13 @@ def _threshold(arg: str | None, base: DecodingOptions) -> Method:
     return _strategy(f"threshold@{t:g}", base, True, strategy="threshold", threshold=t)
 
 
-@register_method("verify-exact", "verify-exact, or verify-exact@P to draft while confidence >= P")
+@register_method("verify-exact", "verify-exact[@P|auto]: drafts while confidence >= P")
 def _verify_exact(arg: str | None, base: DecodingOptions) -> Method:
     if arg is None:
         return _strategy("verify-exact", base, True, strategy="verify", verify="exact")
-    p = _probability("verify-exact", arg, "draft threshold")
-    return _strategy(f"verify-exact@{p:g}", base, True, strategy="verify", verify="exact",
-                     draft_threshold=p)  # fmt: skip
+    p = _draft("verify-exact", arg)
+    return _strategy(f"verify-exact@{p:g}" if p != "auto" else "verify-exact@auto", base, True,
+                     strategy="verify", verify="exact", draft_threshold=p)  # fmt: skip
 
 
 @register_method("verify-topk", "verify-topk@N, N >= 1")
@@ -124,10 +130,11 @@ def _verify_topk(arg: str | None, base: DecodingOptions) -> Method:
     return _strategy(f"verify-topk@{n}", base, True, strategy="verify", verify="topk", topk=n)
 
 
-@register_method("tree-draft", "tree-draft@P, 0 < P <= 1 (the default tree, pruned per call)")
+@register_method("tree-draft", "tree-draft@P|auto, 0 < P <= 1 (the default tree, pruned per call)")
 def _tree_draft(arg: str | None, base: DecodingOptions) -> Method:
-    p = _probability("tree-draft", arg, "draft threshold")
-    return _strategy(f"tree-draft@{p:g}", base, True, strategy="tree", draft_threshold=p)
+    p = _draft("tree-draft", arg)
+    name = f"tree-draft@{p:g}" if p != "auto" else "tree-draft@auto"
+    return _strategy(name, base, True, strategy="tree", draft_threshold=p)
 
 
 @register_method("tree", "tree or tree@3-2-1 (candidates per depth)")
@@ -260,10 +267,14 @@ class StrategyRunner:
         compiled: CompiledCalls | None = None,
     ) -> None:
         self.model = transcriber.model
-        self.strategy = get_strategy(options)
+        self.compiled = compiled if compiled is not None else self.model.compiled
+        before, self.model.compiled = self.model.compiled, self.compiled
+        try:  # an "auto" draft threshold is measured on the calls this runner makes
+            self.strategy = get_strategy(options, self.model)
+        finally:
+            self.model.compiled = before
         self.batch_size = options.batch_size
         self.lookahead = self.strategy.lookahead
-        self.compiled = compiled if compiled is not None else self.model.compiled
 
     def warm_up(self) -> None:
         """Compile the graphs this strategy can meet (nothing for eager calls)."""
@@ -326,6 +337,11 @@ def build_runners(
                 runners[method.name] = StrategyRunner(transcriber, method.options, compiled)
             elif reason is None:
                 runners[method.name] = StrategyRunner(transcriber, method.options)
+            if method.name in runners and is_auto(method.options):
+                p = runners[method.name].strategy.options.draft_threshold
+                notes.append(
+                    f"{method.name}: draft threshold {p:.3f}, from this machine's call costs"
+                )
         except HFPeerError as err:
             reason = str(err)
         if reason is not None:

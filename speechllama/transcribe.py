@@ -110,7 +110,7 @@ class Transcriber:
         from speechllama.audio import AudioError
 
         options = options or DecodingOptions()
-        strategy = get_strategy(options)
+        strategy = get_strategy(options, self.model)
         items: list[Item] = []
         pieces: dict[int, Pieces] = {}
         for index, source in enumerate(inputs):

@@ -126,8 +126,9 @@ def run_decoding(
     """Decode a batch with ``DecodingOptions(**opts)`` up to the model's max_seq_len."""
     with torch.inference_mode():
         return decode(
-            model, get_strategy(DecodingOptions(**opts)), audio, lens, durations, eos_id=eos_id,
-            pad_id=PAD, max_seq_len=model.config.decoder.max_seq_len, compact=compact,
+            model, get_strategy(DecodingOptions(**opts), model), audio, lens, durations,
+            eos_id=eos_id, pad_id=PAD, max_seq_len=model.config.decoder.max_seq_len,
+            compact=compact,
         )  # fmt: skip
 
 

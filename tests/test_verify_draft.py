@@ -1,11 +1,12 @@
 """Confidence-gated drafting in verification (``draft_threshold``): the output stays greedy's
 token for token whatever the threshold, each call feeds y and exactly the proposals whose
-chained confidence clears the threshold (the widest live row's count), and the bench and CLI
+chained confidence clears the threshold (batched: the mean over live rows), and the bench and CLI
 spell it ``verify-exact@P`` and ``--draft-threshold P``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 
 import pytest
@@ -15,7 +16,9 @@ from test_verify import DURATIONS, LENS, run, trained
 
 from speechllama.bench_methods import parse_methods
 from speechllama.cli.transcribe import add_decoding_args, decoding_options
-from speechllama.decoding import DecodingOptions, get_strategy
+from speechllama.decoding import DecodingOptions, drafting, get_strategy
+from speechllama.decoding.drafting import MAX_AUTO, threshold_from_costs
+from speechllama.decoding.verify import draft_width
 
 torch.set_num_threads(1)
 K = 4
@@ -48,7 +51,7 @@ def test_any_threshold_keeps_greedy_output(fitted, threshold, monkeypatch):
     if threshold == 1e-6:  # every proposal clears it: the fixed-width run exactly
         assert widths == full_widths
         assert [d.accepted_per_call for d in out] == [d.accepted_per_call for d in full]
-    else:  # batched, the widest row decides: never wider than fixed, narrower at 1.0
+    else:  # batched, the rows' mean decides: never wider than fixed, narrower at 1.0
         assert max(widths) <= K and (threshold < 1.0 or sum(widths) < sum(full_widths))
     for b, m in enumerate(LENS):  # batched and alone agree
         alone = run(model, audio[b : b + 1, :m], lens[b : b + 1], DURATIONS[b : b + 1],
@@ -153,3 +156,78 @@ def test_draft_widths_script(tmp_path, capsys):
     assert fixed["same_as_greedy"] == gated["same_as_greedy"] == fixed["utterances"] == 3
     assert fixed["fed_per_step"] == K and list(fixed["width_hist"]) == [str(K)]
     assert gated["fed_per_step"] < K  # random heads are never that sure
+
+
+# --- draft_threshold="auto": the gate from this machine's call costs -----------------------------
+
+
+def test_auto_threshold_is_the_measured_slope_clamped():
+    assert threshold_from_costs(1.0, 1.45, 4) == pytest.approx(0.15)
+    assert threshold_from_costs(1.0, 0.98, 4) == 0.0  # a GPU: wider is free, feed everything
+    assert threshold_from_costs(1.0, 9.0, 4) == MAX_AUTO  # a gate that high would feed nothing
+
+
+def test_auto_is_measured_once_per_model_and_batch_and_keeps_greedy(fitted, monkeypatch):
+    model, audio, lens = fitted
+    greedy = run(model, audio, lens, strategy="greedy")
+    measured: list[tuple[int, int]] = []
+    real = drafting.call_costs
+
+    def spy(m, batch_size, num_heads, widths):
+        measured.append((batch_size, num_heads))
+        return real(m, batch_size, num_heads, widths)
+
+    monkeypatch.setattr(drafting, "call_costs", spy)
+    calls = model.decoder_calls
+    auto = DecodingOptions(strategy="verify", draft_threshold="auto", batch_size=8)
+    p = get_strategy(auto, model).options.draft_threshold
+    assert 0.0 <= p <= MAX_AUTO and model.decoder_calls == calls  # timing is not decoding
+    get_strategy(auto, model)
+    get_strategy(dataclasses.replace(auto, batch_size=1), model)
+    assert measured == [(8, K), (1, K)]  # cached per (model, batch size, heads, threads)
+    out = run(model, audio, lens, strategy="verify", draft_threshold="auto", batch_size=8)
+    assert [d.tokens for d in out] == [d.tokens for d in greedy]
+    with pytest.raises(ValueError, match="measured on a model"):
+        get_strategy(auto)  # no model to measure
+
+
+@pytest.mark.parametrize(("wide", "gated"), [(1.0, False), (3.0, True)])
+def test_auto_feeds_everything_where_wide_calls_are_free(fitted, monkeypatch, wide, gated):
+    """Fake costs: flat (a GPU) gives P = 0 and the paper's fixed width; steep gives the cap."""
+    model, audio, lens = fitted
+    monkeypatch.setattr(drafting, "call_costs", lambda m, b, k, ws: {1: 1.0, k: wide})
+    drafting._CHOSEN.pop(model, None)
+    opts = DecodingOptions(strategy="verify", draft_threshold="auto", batch_size=1)
+    assert get_strategy(opts, model).options.draft_threshold == (MAX_AUTO if gated else 0.0)
+    _, widths = _widths(model, audio, lens, monkeypatch, draft_threshold="auto", batch_size=1)
+    explicit = MAX_AUTO if gated else 0.0
+    _, same = _widths(model, audio, lens, monkeypatch, draft_threshold=explicit, batch_size=1)
+    assert widths == same and (set(widths) == {K}) == (not gated or min(same) == K)
+    drafting._CHOSEN.pop(model, None)  # the fake costs must not outlive the test
+
+
+def test_auto_is_spelled_in_bench_and_cli():
+    _, method = parse_methods("verify-exact@auto", DecodingOptions())
+    assert (method.name, method.options.draft_threshold) == ("verify-exact@auto", "auto")
+    _, tree = parse_methods("tree-draft@auto", DecodingOptions())
+    assert tree.options.draft_threshold == "auto"
+    parser = argparse.ArgumentParser()
+    add_decoding_args(parser)
+    args = parser.parse_args(["--decoding", "verify", "--draft-threshold", "auto"])
+    assert decoding_options(args).draft_threshold == "auto"
+    for bad in ("2", "often"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--draft-threshold", bad])
+
+
+def test_batched_width_follows_the_mean_confidence_of_live_rows():
+    conf = torch.tensor([[0.9, 0.5, 0.1], [0.3, 0.1, 0.0], [0.6, 0.6, 0.6]])
+    # means per depth: 0.6, 0.4, 0.233
+    assert draft_width(conf, None, 0.5) == 2
+    assert draft_width(conf, None, 0.2) == 4
+    assert draft_width(conf[:1], None, 0.5) == 3  # one row: its own longest confident prefix
+    live = torch.tensor([True, False, True])  # means 0.75, 0.55, 0.35
+    assert draft_width(conf, live, 0.5) == 3
+    assert draft_width(conf, torch.zeros(3, dtype=torch.bool), 0.5) == 1
+    # The widest row alone would feed 4 at P = 0.5; the batch rule feeds 2.
+    assert draft_width(conf[2:], None, 0.5) == 4

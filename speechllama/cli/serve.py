@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                              compile=args.compile,
                              encoder_precision=args.encoder_dtype)  # fmt: skip
     # Measure the packed-weight choice of every call size now, not in the first requests.
-    strategy = get_strategy(options)
+    strategy = get_strategy(options, transcriber.model)
     transcriber.model.tune_packing(call_sizes(args.max_batch, strategy.lookahead))
     # A bf16 encoder's kernels, one per length bucket, are built now too (about 3 s for 30 s).
     warm_up_encoder(transcriber.model, int(min(args.max_audio_s, 30.0) * FRAMES_PER_SECOND))

@@ -76,9 +76,10 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, help="probability threshold (threshold strategy)")
     g.add_argument("--verify", choices=("exact", "topk"), help="agreement test (verify strategy)")
     g.add_argument("--topk", type=int, help="top-k for relaxed verification")
-    g.add_argument("--draft-threshold", type=float, metavar="P",
+    g.add_argument("--draft-threshold", type=_draft_threshold, metavar="P|auto",
                    help="verify, tree: feed only the proposals whose chained head confidence is at "
-                   "least P, so unlikely ones do not widen the call (default: 0, feed all; "
+                   "least P, so unlikely ones do not widen the call; auto: P from how much a "
+                   "wider call costs on this machine, measured at load (default: 0, feed all; "
                    "exact verification stays greedy's output)")  # fmt: skip
     g.add_argument(
         "--tree",
@@ -101,6 +102,19 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
                    "it, so scores are the next-token log-probs (default: off)")  # fmt: skip
     g.add_argument("--max-tokens-per-second", type=float, metavar="R",
                    help="transcript length limit per second of audio (default: 12)")  # fmt: skip
+
+
+def _draft_threshold(text: str) -> float | str:
+    """``auto`` or a probability in [0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        p = float(text)
+    except ValueError:
+        p = -1.0
+    if not 0 <= p <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1] or auto, got {text!r}")
+    return p
 
 
 def _tree_shape(text: str) -> tuple[int, ...]:

@@ -38,8 +38,13 @@ def available_strategies() -> list[str]:
     return sorted(names, key=lambda n: (n != "greedy", n))
 
 
-def get_strategy(options: DecodingOptions) -> Strategy:
-    """Instantiate the strategy ``options.strategy`` names; unknown names raise ``ValueError``."""
+def get_strategy(options: DecodingOptions, model: Any = None) -> Strategy:
+    """Instantiate the strategy ``options.strategy`` names; unknown names raise ``ValueError``.
+    ``model`` (the SpeechLLaMA it will decode with) resolves ``draft_threshold="auto"``."""
+    if model is not None:
+        from speechllama.decoding.drafting import resolve
+
+        options = resolve(options, model)
     name = options.strategy
     known = available_strategies()
     if name not in known:

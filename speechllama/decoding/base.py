@@ -159,6 +159,11 @@ def draft_threshold(options: DecodingOptions) -> float:
     """``options.draft_threshold`` of the strategies that gate their proposals on it (verify,
     tree), checked: a probability in [0, 1]; 0 feeds every proposal."""
     p = options.draft_threshold
+    if isinstance(p, str):
+        raise ValueError(
+            f"draft threshold {p!r} is measured on a model: build the strategy with "
+            "get_strategy(options, model)"
+        )
     if not 0 <= p <= 1:
         raise ValueError(f"draft threshold must lie in [0, 1], got {p}")
     return p

@@ -21,7 +21,9 @@ class DecodingOptions:
     threshold: float = 0.9
     verify: str = "exact"  # exact | topk
     topk: int = 3
-    draft_threshold: float = 0.0  # verify, tree: feed proposals whose chained confidence >= this
+    # verify, tree: feed proposals whose chained confidence >= this; "auto": measured, see
+    # decoding/drafting.py (resolved by get_strategy(options, model))
+    draft_threshold: float | str = 0.0
     tree: tuple[int, ...] = (3, 2, 1)
     tree_max_nodes: int = 64  # per-call cap on tree candidates: a 65-token call is not free
     beam_size: int = 4

@@ -51,8 +51,15 @@ cost more than the accepted tokens save. With P > 0 the next call feeds y and on
 prefix p_1 .. p_m whose chained confidence (the product of heads 2..m+1's top probabilities at
 the kept position) is at least P: w = m + 1, between 1 and n, per call. Which tokens are
 proposed never changes what verification accepts as correct, so ``exact`` stays greedy's
-output, token for token; only the number of calls and their widths change. Batched, the call
-takes the widest live row's width.
+output, token for token; only the number of calls and their widths change.
+
+Batched, one width serves every row, and it is chosen for the batch: proposal j is fed when the
+*mean* of its chained confidence over the live rows is at least P. Why the mean: widening a call
+of B rows by one token costs the batch about P x (a one-token call), measured so by
+``draft_threshold="auto"``, and a one-token call yields B tokens; the widening pays when the B
+rows together expect at least P x B more tokens from it, which is that mean. At batch 1 it is the
+rule above. (The widest row's width, the first rule tried, made batch-8 calls wider than the
+other rows could use: 0.94x greedy at P = 0.1 on real-smoke, against 1.13x at batch 1.)
 """
 
 from __future__ import annotations
@@ -99,15 +106,7 @@ class VerifyDecoder(Strategy):
         state.accept_blocks(best, torch.ones_like(best[:, 0]))
         state.scratch["fed"] = best  # the next call feeds [y, p_1 .. p_{n-1}]
         if self.draft > 0:
-            state.scratch["draft"] = self._drafted(logits[:, 0])
-
-    def _drafted(self, at: torch.Tensor) -> torch.Tensor:
-        """(B,) how many of the proposals at ``at`` (B, n, V: every head's logits at the last
-        kept position) the next call feeds: the longest prefix p_1 .. p_m whose chained
-        confidence (the product of heads 2..m+1's top probabilities) stays at or above the
-        draft threshold. Only called when gating (threshold > 0)."""
-        top = torch.softmax(at[:, 1:].float(), dim=-1).amax(dim=-1)  # (B, n - 1)
-        return (top.cumprod(dim=1) >= self.draft).sum(dim=1)  # a cumprod only falls
+            state.scratch["confidence"] = chained_confidence(logits[:, 0])
 
     def advance(self, model: DecoderModel, cache: Any, state: DecodingState) -> None:
         proposals: torch.Tensor = state.scratch["fed"]  # (B, n)
@@ -117,12 +116,9 @@ class VerifyDecoder(Strategy):
             proposals = proposals.masked_fill(~live[:, None], state.pad_id)
         w = n
         if self.draft > 0:
-            # One width for the batch: the widest live row's. Narrower rows' extra proposals
-            # are verified like any other (exact stays exact); they only cost the wider call.
-            drafted: torch.Tensor = state.scratch["draft"]
-            if live is not None:
-                drafted = drafted.masked_fill(~live, 0)
-            w = 1 + int(drafted.max())
+            # One width for the batch (see the module docstring). Rows that would stop earlier
+            # have their extra proposals verified like any other: exact stays exact.
+            w = draft_width(state.scratch["confidence"], live, self.draft)
         fed = proposals[:, :w]
         before = cache.lengths.clone()
         logits = model.step(fed, cache, num_heads=n)  # (B, w, n, V)
@@ -144,7 +140,7 @@ class VerifyDecoder(Strategy):
         state.scratch["fed"] = best.gather(1, kept[:, None, None].expand(B, 1, n))[:, 0]
         if self.draft > 0:
             rows = torch.arange(B, device=kept.device)
-            state.scratch["draft"] = self._drafted(logits[rows, kept])
+            state.scratch["confidence"] = chained_confidence(logits[rows, kept])
         if self.options.verify == "exact":
             block = own  # p_1 .. p_a equal g_0 .. g_{a-1}, and g_a is the bonus
         else:  # p_1 .. p_a, then g_a
@@ -156,6 +152,24 @@ class VerifyDecoder(Strategy):
         count = torch.minimum(kept + 1, state.room(kept.device))
         cache.truncate(before + count)
         state.accept_blocks(block, count)
+
+
+def chained_confidence(at: torch.Tensor) -> torch.Tensor:
+    """(B, n - 1) confidence of proposals p_1 .. p_{n-1} from ``at`` (B, n, V: every head's
+    logits at the last kept position): entry j is the product of heads 2..j+2's top
+    probabilities, the chance that p_1 .. p_{j+1} are all right if the heads are calibrated."""
+    return torch.softmax(at[:, 1:].float(), dim=-1).amax(dim=-1).cumprod(dim=1)
+
+
+def draft_width(confidence: torch.Tensor, live: torch.Tensor | None, p: float) -> int:
+    """The call's width, 1 + m: m = how many depths have a mean chained confidence over the live
+    rows (``live`` (B,) bool, None: all) of at least ``p``. Along each row a chained
+    confidence only falls, so the mean does too and the fed depths form a prefix."""
+    if live is not None:
+        if not bool(live.any()):
+            return 1
+        confidence = confidence[live]
+    return 1 + int((confidence.mean(dim=0) >= p).sum())
 
 
 STRATEGY = VerifyDecoder

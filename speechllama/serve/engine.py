@@ -54,7 +54,7 @@ class Engine:
     def __init__(self, transcriber: Transcriber, options: DecodingOptions) -> None:
         self.transcriber = transcriber
         self.options = options
-        self.strategy = get_strategy(options)
+        self.strategy = get_strategy(options, transcriber.model)
         transcriber.model.eval()
 
     @property
