@@ -56,11 +56,13 @@ def _heads_config(path: Path) -> dict:
 
 
 def test_joint_continuation_trains_trunk_and_heads_from_cached_encoder_outputs(tmp_path):
-    exp = _continue(tmp_path)
+    exp = _continue(tmp_path, "--lm-weight", "0.1")
     assert any((exp / "encoder_cache").rglob("shard-*.safetensors"))  # the encoder ran once
     events = [json.loads(x) for x in (exp / "joint" / "metrics.jsonl").read_text().splitlines()]
     start = next(e for e in events if e["event"] == "start")
     assert start["ctc_weight"] == 0.3 and not start["head_one_frozen"]
+    assert start["lm_sentences"] == 2  # train.txt's two sentences, as text without audio
+    assert all("text_ce" in e for e in events if e["event"] == "train")
     assert next(e for e in events if e["event"] == "end")["step"] == 2
     trained = json.loads((exp / "joint" / "best" / "config.json").read_text())["model"]
     k = trained["heads"]["num_heads"]

@@ -38,6 +38,9 @@
 #   --steps N          joint steps, or split's trunk steps [1000]; --head-steps N  split's
 #                      head steps [200]
 #   --lr LR            peak learning rate of the joint or trunk stage [3e-4]
+#   --lm-weight W      joint: also train on --text's train.txt as text without audio, 32
+#                      sentences a step at loss weight W (`train --lm-text`); 0: off [0;
+#                      session 16 is measuring 0.1, docs/accuracy.md]
 #   --augment "K=V .." AugmentConfig fields for `train --augment`, e.g. "clean_prob=0.5" to
 #                      leave half of the utterances clean (the defaults leave about 9%) []
 #   --max-duration S   audio seconds per batch [480 on a GPU, 120 on a CPU]
@@ -66,6 +69,7 @@ steps=1000
 head_steps=200
 lr=3e-4
 augment=""
+lm_weight=0
 max_duration=""
 workers=$(($(nproc --all) > 3 ? $(nproc --all) - 2 : 1))
 while [ $# -gt 0 ]; do
@@ -86,6 +90,7 @@ while [ $# -gt 0 ]; do
     --head-steps) head_steps=$2; shift 2 ;;
     --lr) lr=$2; shift 2 ;;
     --augment) augment=$2; shift 2 ;;
+    --lm-weight) lm_weight=$2; shift 2 ;;
     --max-duration) max_duration=$2; shift 2 ;;
     --workers) workers=$2; shift 2 ;;
     -h|--help) sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -137,10 +142,12 @@ if [ "$mode" = joint ]; then
 print(' '.join(['1', '0.4', '0.3', *['0.2'] * (k - 3)][:k]))" "${heads% *}")
   fi
   read -r -a weights <<< "$head_weights"
+  lm=()
+  awk -v w="$lm_weight" 'BEGIN { exit !(w > 0) }' && lm=(--lm-text "$text/train.txt" --lm-weight "$lm_weight")
   log "joint: $steps steps of the whole model and its ${heads% *} ${heads#* } heads (weights $head_weights), CTC $ctc, from $from"
   "$sl" train --init "$from" --head-loss-weights "${weights[@]}" --ctc-weight "$ctc" \
     --out "$exp/joint" --max-steps "$steps" --lr "$lr" --warmup $((steps / 10 + 1)) \
-    --eval-every $(((steps + 1) / 2)) --eval-utterances 150 "${common[@]}"
+    --eval-every $(((steps + 1) / 2)) --eval-utterances 150 "${lm[@]}" "${common[@]}"
   best=$exp/joint/best
 else
   log "trunk: $steps next-token steps from $from, CTC $ctc"
