@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from speechllama.decoding.base import Strategy
 
 # Modules of this package that are not strategies.
-_NOT_STRATEGIES = frozenset({"base", "beam_search", "nbest", "options", "state", "tree_shape"})
+_NOT_STRATEGIES = frozenset(
+    {"base", "beam_search", "drafting", "nbest", "options", "state", "tree_shape"}
+)
 
 __all__ = [
     "DecodingOptions",
