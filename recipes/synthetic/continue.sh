@@ -40,7 +40,7 @@
 #   --lr LR            peak learning rate of the joint or trunk stage [3e-4]
 #   --lm-weight W      joint: also train on --text's train.txt as text without audio, 32
 #                      sentences a step at loss weight W (`train --lm-text`); 0: off [0;
-#                      session 16 is measuring 0.1, docs/accuracy.md]
+#                      0.1 gave no WER gain over 2,000 steps in session 16, docs/accuracy.md]
 #   --augment "K=V .." AugmentConfig fields for `train --augment`, e.g. "clean_prob=0.5" to
 #                      leave half of the utterances clean (the defaults leave about 9%) []
 #   --max-duration S   audio seconds per batch [480 on a GPU, 120 on a CPU]
