@@ -87,9 +87,13 @@ def _probability(family: str, arg: str | None, what: str) -> float:
     return p
 
 
-def _draft(family: str, arg: str | None) -> float | str:
-    """``family@P`` or ``family@auto`` (measured per model, see ``decoding/drafting.py``)."""
-    return "auto" if arg == "auto" else _probability(family, arg, "draft threshold")
+def _draft(family: str, arg: str | None) -> tuple[float | str, str]:
+    """``family@P`` or ``family@auto`` (measured per model, see ``decoding/drafting.py``) ->
+    (the draft threshold, the method's name: P as ``:g`` prints it, or ``auto``)."""
+    if arg == "auto":
+        return arg, f"{family}@auto"
+    p = _probability(family, arg, "draft threshold")
+    return p, f"{family}@{p:g}"
 
 
 def _strategy(name: str, base: DecodingOptions, multi: bool, **fields: Any) -> Method:
@@ -117,9 +121,8 @@ def _threshold(arg: str | None, base: DecodingOptions) -> Method:
 def _verify_exact(arg: str | None, base: DecodingOptions) -> Method:
     if arg is None:
         return _strategy("verify-exact", base, True, strategy="verify", verify="exact")
-    p = _draft("verify-exact", arg)
-    return _strategy(f"verify-exact@{p:g}" if p != "auto" else "verify-exact@auto", base, True,
-                     strategy="verify", verify="exact", draft_threshold=p)  # fmt: skip
+    p, name = _draft("verify-exact", arg)
+    return _strategy(name, base, True, strategy="verify", verify="exact", draft_threshold=p)
 
 
 @register_method("verify-topk", "verify-topk@N, N >= 1")
@@ -132,8 +135,7 @@ def _verify_topk(arg: str | None, base: DecodingOptions) -> Method:
 
 @register_method("tree-draft", "tree-draft@P|auto, 0 < P <= 1 (the default tree, pruned per call)")
 def _tree_draft(arg: str | None, base: DecodingOptions) -> Method:
-    p = _draft("tree-draft", arg)
-    name = f"tree-draft@{p:g}" if p != "auto" else "tree-draft@auto"
+    p, name = _draft("tree-draft", arg)
     return _strategy(name, base, True, strategy="tree", draft_threshold=p)
 
 

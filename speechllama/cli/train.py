@@ -20,7 +20,7 @@ _EPILOG = """examples:
       # heads only: head 1 and the trunk stay as they are, the trunk runs once per utterance
   speechllama train --train data/train.jsonl --dev data/dev.jsonl --init exp/mtp4/best \\
       --mwer --mwer-nbest 4 --max-steps 500 --lr 1e-4 --warmup 50 --out exp/mtp4-mwer
-  speechllama train --train data/train.jsonl --dev data/dev.jsonl --init exp/mtp4/best \
+  speechllama train --train data/train.jsonl --dev data/dev.jsonl --init exp/mtp4/best \\
       --lm-text data/text/train.txt --out exp/mtp4-lm    # + 32 text-only sentences a step
   torchrun --nproc_per_node 4 -m speechllama train --train data/train.jsonl \\
       --dev data/dev.jsonl --preset small --text data/text.txt --out exp/small4
